@@ -61,8 +61,6 @@ pub const HIMEM_START: GuestAddress = GuestAddress(0x100000);
 
 /// The 32-bit MMIO hole: RAM below 4 GiB stops here.
 pub const MMIO_HOLE_START: GuestAddress = GuestAddress(0xc000_0000);
-/// Size of the 32-bit MMIO hole.
-pub const MMIO_HOLE_SIZE: u64 = 0x4000_0000;
 /// First address above the hole, where the rest of a large guest's RAM goes.
 pub const RAM_ABOVE_HOLE_START: GuestAddress = GuestAddress(0x1_0000_0000);
 

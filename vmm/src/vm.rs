@@ -1,0 +1,258 @@
+//! Builds a VM from a VmConfig and runs it until the guest or the user ends it.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+use crate::boot::acpi::{create_acpi_tables, AcpiConfig, AcpiError};
+use crate::boot::layout::ports;
+use crate::boot::{self, BootError, EntryPoint};
+use crate::devices::acpi_pm::{Pm1Control, Pm1Event};
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{SerialConsole, SerialOut};
+use crate::devices::{BusError, ExitReason, ExitSignal, PioBus};
+use crate::event_loop::{block_stop_signals, ConsoleInput, EventLoop, EventLoopError, TerminalGuard};
+use crate::kvm::{KvmError, KvmVm};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::{kick_signal, on_kick_signal, write_boot_gdt, BootState, Vcpu, VcpuError};
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialMode {
+    Stdio,
+    File(PathBuf),
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub num_vcpus: u8,
+    pub memory_bytes: u64,
+    pub serial: SerialMode,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("building the ACPI tables failed")]
+    Acpi(#[source] AcpiError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    #[error("placing a device on the I/O port bus failed")]
+    Bus(#[source] BusError),
+    #[error("cannot open the serial output file {path} (--serial file=PATH)")]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating an eventfd for {what} failed")]
+    EventFd {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing the vCPU kick signal handler failed")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
+}
+
+impl VmError {
+    /// Whether the error comes from what the user gave (files, sizes), as
+    /// opposed to the host: main maps these to exit status 2.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            VmError::Boot(_) | VmError::SerialFile { .. } | VmError::Memory(MemoryError::TooSmall(_))
+        )
+    }
+}
+
+fn eventfd(what: &'static str) -> Result<EventFd, VmError> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| VmError::EventFd { what, source })
+}
+
+/// Serial output that writes each byte straight through (no buffering), so
+/// a guest prompt shows up at once.
+fn serial_output(mode: &SerialMode) -> Result<SerialOut, VmError> {
+    Ok(match mode {
+        SerialMode::Stdio => Box::new(std::io::stdout()) as SerialOut,
+        SerialMode::File(path) => Box::new(File::create(path).map_err(|source| VmError::SerialFile {
+            path: path.clone(),
+            source,
+        })?),
+        SerialMode::Off => Box::new(std::io::sink()),
+    })
+}
+
+/// Stdout through the serial console flushes after every byte the guest sends.
+struct Unbuffered<W: Write>(W);
+
+impl<W: Write> Write for Unbuffered<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.0.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Loads the kernel, initramfs, command line, ACPI tables and boot info.
+fn load_guest(ram: &GuestRam, cfg: &VmConfig) -> Result<BootState, VmError> {
+    let kernel = boot::load_kernel(ram, &cfg.kernel)?;
+    let (cmdline_max, initramfs_limit) = match &kernel.setup_header {
+        Some(hdr) => (hdr.cmdline_size as usize, boot::linux::initramfs_limit(hdr)),
+        None => (usize::MAX, u64::MAX),
+    };
+    let cmdline = boot::write_cmdline(ram, &cfg.cmdline, cmdline_max)?;
+    let initramfs = cfg
+        .initramfs
+        .as_deref()
+        .map(|p| boot::load_initramfs(ram, p, kernel.kernel_end, initramfs_limit))
+        .transpose()?;
+    let map = boot::memory_map(ram);
+    let rsdp = create_acpi_tables(
+        ram.memory(),
+        &AcpiConfig {
+            num_cpus: cfg.num_vcpus,
+            pci: false,
+        },
+    )
+    .map_err(VmError::Acpi)?;
+    write_boot_gdt(ram.memory())?;
+    Ok(match (kernel.entry, kernel.setup_header) {
+        (EntryPoint::Pvh { .. }, _) => BootState {
+            entry: kernel.entry,
+            boot_info: boot::pvh::write_start_info(ram, cmdline, &map, initramfs, rsdp)?,
+            page_tables: None,
+        },
+        (EntryPoint::Linux64 { .. }, Some(hdr)) => BootState {
+            entry: kernel.entry,
+            boot_info: boot::linux::write_boot_params(ram, hdr, cmdline, cfg.cmdline.len(), &map, initramfs, rsdp)?,
+            page_tables: Some(boot::linux::write_identity_page_tables(ram)?),
+        },
+        (EntryPoint::Linux64 { .. }, None) => unreachable!("a 64-bit Linux entry always comes from a setup header"),
+    })
+}
+
+/// Runs the VM described by `cfg` to its end.
+pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
+    let started = Instant::now();
+    let kvm = KvmVm::new(cfg.num_vcpus)?;
+    let ram = GuestRam::new(cfg.memory_bytes)?;
+    kvm.setup_platform()?;
+    kvm.set_memory(&ram)?;
+    let boot = load_guest(&ram, cfg)?;
+
+    let exit = ExitSignal::new().map_err(|source| VmError::EventFd {
+        what: "VM exit",
+        source,
+    })?;
+    let serial_irq = eventfd("the serial interrupt")?;
+    kvm.register_irqfd(&serial_irq, ports::SERIAL_COM1_IRQ)?;
+    let drained = eventfd("serial input")?;
+    let out: SerialOut = match serial_output(&cfg.serial)? {
+        out if cfg.serial == SerialMode::Stdio => Box::new(Unbuffered(out)),
+        out => out,
+    };
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        serial_irq,
+        drained.try_clone().map_err(|source| VmError::EventFd {
+            what: "serial input",
+            source,
+        })?,
+        out,
+    )));
+    let mut pio = PioBus::default();
+    let bus = |pio: &mut PioBus, base, len, dev| pio.insert(base, len, dev).map_err(VmError::Bus);
+    bus(&mut pio, ports::SERIAL_COM1, 8, serial.clone())?;
+    bus(&mut pio, ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042::new(exit.clone()))))?;
+    bus(&mut pio, ports::DEBUG_EXIT, 1, Arc::new(Mutex::new(DebugExit::new(exit.clone()))))?;
+    bus(
+        &mut pio,
+        ports::ACPI_PM1A_EVT,
+        u16::from(ports::ACPI_PM1A_EVT_LEN),
+        Arc::new(Mutex::new(Pm1Event::default())),
+    )?;
+    bus(
+        &mut pio,
+        ports::ACPI_PM1A_CNT,
+        u16::from(ports::ACPI_PM1A_CNT_LEN),
+        Arc::new(Mutex::new(Pm1Control::new(exit.clone()))),
+    )?;
+    let pio = Arc::new(pio);
+
+    let base_cpuid = kvm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.num_vcpus));
+    for id in 0..cfg.num_vcpus {
+        let fd = kvm.create_vcpu(id)?;
+        vcpus.push(Vcpu::new(id, fd, &base_cpuid, cfg.num_vcpus, (id == 0).then_some(boot))?);
+    }
+
+    register_signal_handler(kick_signal(), on_kick_signal).map_err(VmError::KickHandler)?;
+    let signal_set = block_stop_signals()?;
+    let console = (cfg.serial == SerialMode::Stdio).then(|| ConsoleInput {
+        serial: serial.clone(),
+        drained,
+    });
+    let mut event_loop = EventLoop::new(exit.clone(), &signal_set, console)?;
+    let _terminal = if cfg.serial == SerialMode::Stdio {
+        TerminalGuard::raw_stdin()
+    } else {
+        None
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        match v.spawn(pio.clone(), exit.clone(), stop.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop_vcpus(&stop, threads);
+                return Err(e.into());
+            }
+        }
+    }
+    tracing::info!(
+        vcpus = cfg.num_vcpus,
+        memory_mib = ram.size_bytes() >> 20,
+        setup_ms = started.elapsed().as_millis() as u64,
+        "guest started"
+    );
+    let reason = event_loop.run();
+    stop_vcpus(&stop, threads);
+    tracing::info!(?reason, run_ms = started.elapsed().as_millis() as u64, "guest ended");
+    Ok(reason)
+}
+
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for t in &threads {
+        if let Err(e) = t.kill(kick_signal()) {
+            tracing::warn!("kicking a vCPU thread failed: {e}");
+        }
+    }
+    for t in threads {
+        if t.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}
