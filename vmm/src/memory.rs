@@ -21,9 +21,9 @@ pub const MIN_RAM_BYTES: u64 = 2 * HIMEM_START.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("guest memory of {0} bytes is below the minimum of {MIN_RAM_BYTES} bytes")]
+    #[error("--memory {0} bytes is below the minimum of {MIN_RAM_BYTES} bytes (2M)")]
     TooSmall(u64),
-    #[error("guest memory of {0} bytes does not fit in this host's address space")]
+    #[error("--memory {0} bytes does not fit in this host's address space")]
     TooLarge(u64),
     #[error("memfd_create for guest RAM failed")]
     MemfdCreate(#[source] std::io::Error),

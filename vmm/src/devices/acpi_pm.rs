@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use super::{le_value, ExitReason, ExitSignal, PioDevice};
 
-/// The SLP_TYP value the DSDT's \_S5_ package announces.
-pub const SLP_TYP_S5: u16 = 5;
+use crate::boot::acpi::S5_SLP_TYP;
+
 const SLP_TYP_SHIFT: u16 = 10;
 const SLP_TYP_MASK: u16 = 0x7 << SLP_TYP_SHIFT;
 const SLP_EN: u16 = 1 << 13;
@@ -72,7 +72,7 @@ impl PioDevice for Pm1Control {
         self.control = (v & !SLP_EN) | SCI_EN;
         let slp_typ = (v & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
         if v & SLP_EN != 0 {
-            if slp_typ == SLP_TYP_S5 {
+            if slp_typ == u16::from(S5_SLP_TYP) {
                 self.exit.request(ExitReason::PowerOff);
             } else {
                 tracing::warn!(slp_typ, "guest asked for an ACPI sleep state ringvm does not offer");
@@ -89,9 +89,9 @@ mod tests {
     fn s5_with_slp_en_powers_off() {
         let s = ExitSignal::new().unwrap();
         let mut c = Pm1Control::new(s.clone());
-        c.write(0, &(SLP_TYP_S5 << SLP_TYP_SHIFT).to_le_bytes());
+        c.write(0, &(u16::from(S5_SLP_TYP) << SLP_TYP_SHIFT).to_le_bytes());
         assert_eq!(s.reason(), None, "SLP_TYP without SLP_EN does nothing");
-        c.write(0, &((SLP_TYP_S5 << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes());
+        c.write(0, &((u16::from(S5_SLP_TYP) << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes());
         assert_eq!(s.reason(), Some(ExitReason::PowerOff));
     }
 
