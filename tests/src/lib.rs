@@ -1,1 +1,3 @@
+//! Integration tests of ringvm: the test guest and the harness that runs guests.
 
+pub mod guest;

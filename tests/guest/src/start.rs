@@ -1,0 +1,34 @@
+//! The CPL0 stub (start.S: PVH entry, long mode, GDT/TSS/IDT, LAPIC, then
+//! `iretq` to [`crate::guest_main`] at CPL3) and the state it shares with the
+//! Rust side.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+core::arch::global_asm!(include_str!("start.S"), options(att_syntax));
+
+/// Interrupts taken, per vector. Incremented by `irq_common` in start.S (at
+/// CPL0, interrupts disabled, one CPU), read here with atomic loads.
+#[no_mangle]
+static IRQ_COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+
+/// How many interrupts with `vector` the guest has taken (and acknowledged
+/// with a LAPIC EOI) so far. Vector 255 (spurious) is never counted.
+#[allow(dead_code, reason = "for the interrupt-driven jobs")]
+pub fn interrupt_count(vector: u8) -> u64 {
+    IRQ_COUNTS[usize::from(vector)].load(Ordering::Relaxed)
+}
+
+extern "C" {
+    /// First byte of the loaded image (link.ld).
+    static __image_start: u8;
+    /// First byte after the image, .bss included (link.ld).
+    static __image_end: u8;
+}
+
+/// Guest-physical range `[start, end)` the guest image occupies (code, data,
+/// stacks, the stack guard page); identity-mapped, so addresses are physical.
+pub fn image_range() -> (u64, u64) {
+    let start = (&raw const __image_start).addr() as u64;
+    let end = (&raw const __image_end).addr() as u64;
+    (start, end)
+}
