@@ -1,3 +1,4 @@
 //! Integration tests of ringvm: the test guest and the harness that runs guests.
 
 pub mod guest;
+pub mod harness;
