@@ -1,0 +1,270 @@
+//! ringvm boots the test guest: the hello job, memory and vCPU counts as the
+//! guest sees them, exit status propagation, serial modes, and every kind of
+//! bad input with its message and status. The same ELF also boots under QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ringvm_tests::guest::GUEST_ELF_PATH;
+use ringvm_tests::harness::{binary, qemu_path, run_bounded, ExitOutcome, RunOutput};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// QEMU's firmware runs emulated on hosts whose KVM cannot run CPL0 code natively.
+const QEMU_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn ringvm(args: &[&str]) -> RunOutput {
+    let mut cmd = Command::new(binary("ringvm"));
+    cmd.args(args);
+    run_bounded(cmd, BOOT_TIMEOUT, Some("testguest:")).expect("spawning ringvm")
+}
+
+fn boot_guest(extra: &[&str], cmdline: &str) -> RunOutput {
+    let mut args = vec!["--kernel", GUEST_ELF_PATH, "--cmdline", cmdline];
+    args.extend_from_slice(extra);
+    ringvm(&args)
+}
+
+fn assert_line(out: &RunOutput, line: &str) {
+    assert!(
+        out.stdout.lines().any(|l| l == line),
+        "expected the line {line:?} on the serial console\n{out}"
+    );
+}
+
+fn assert_bad_input(out: &RunOutput, needles: &[&str]) {
+    assert!(out.exited_with(2), "bad input must exit with status 2\n{out}");
+    for n in needles {
+        assert!(out.stderr.contains(n), "the error should mention {n:?}\n{out}");
+    }
+    assert!(!out.stderr.contains("panicked"), "bad input must not panic\n{out}");
+}
+
+#[test]
+fn hello_reports_default_memory_and_exits_zero() {
+    let out = boot_guest(&[], "job=hello");
+    assert!(out.exited_with(0), "{out}");
+    assert_line(&out, "testguest: hello mem=512");
+    assert_line(&out, "testguest: cpus=1");
+    assert!(out.stderr.is_empty(), "a clean boot logs nothing at the default level\n{out}");
+}
+
+#[test]
+fn memory_size_is_what_the_guest_sees() {
+    let out = boot_guest(&["--memory", "256M"], "job=hello");
+    assert!(out.exited_with(0), "{out}");
+    assert_line(&out, "testguest: hello mem=256");
+}
+
+#[test]
+fn memory_above_the_mmio_hole_is_all_there() {
+    // 4 GiB is split into 3 GiB below the hole and 1 GiB above 4 GiB.
+    let out = boot_guest(&["--memory", "4G"], "job=hello");
+    assert!(out.exited_with(0), "{out}");
+    assert_line(&out, "testguest: hello mem=4096");
+}
+
+#[test]
+fn debug_exit_value_is_the_exit_status() {
+    let out = boot_guest(&[], "job=hello exit=7");
+    assert!(out.exited_with(7), "{out}");
+    assert_line(&out, "testguest: hello mem=512");
+}
+
+#[test]
+fn four_vcpus_are_announced_to_the_guest() {
+    let out = boot_guest(&["--cpus", "4"], "job=hello");
+    assert!(out.exited_with(0), "{out}");
+    assert_line(&out, "testguest: cpus=4");
+}
+
+#[test]
+fn sixty_four_vcpus_boot() {
+    let out = boot_guest(&["--cpus", "64", "--memory", "1G"], "job=hello exit=3");
+    assert!(out.exited_with(3), "{out}");
+    assert_line(&out, "testguest: cpus=64");
+}
+
+#[test]
+fn serial_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let spec = format!("file={}", log.display());
+    let out = boot_guest(&["--serial", &spec], "job=hello exit=5");
+    assert!(out.exited_with(5), "{out}");
+    assert!(out.stdout.is_empty(), "serial output went to the file, not stdout\n{out}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().any(|l| l == "testguest: hello mem=512"), "{text}");
+}
+
+#[test]
+fn serial_off_still_exits_with_the_guest_status() {
+    let out = boot_guest(&["--serial", "off"], "job=hello exit=9");
+    assert!(out.exited_with(9), "{out}");
+    assert!(out.stdout.is_empty(), "{out}");
+}
+
+#[test]
+fn guest_error_status_passes_through() {
+    let out = boot_guest(&[], "job=no-such-job");
+    assert!(out.exited_with(125), "{out}");
+    assert_line(&out, "testguest: unknown job 'no-such-job'");
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let out = ringvm(&["--kernel", "/nonexistent/vmlinuz"]);
+    assert_bad_input(&out, &["/nonexistent/vmlinuz", "cannot open kernel"]);
+}
+
+#[test]
+fn directory_as_kernel_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ringvm(&["--kernel", dir.path().to_str().unwrap()]);
+    assert_bad_input(&out, &["cannot read kernel", dir.path().to_str().unwrap()]);
+}
+
+#[test]
+fn file_that_is_not_a_kernel_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "just some text, not a kernel\n".repeat(100)).unwrap();
+    let out = ringvm(&["--kernel", path.to_str().unwrap()]);
+    assert_bad_input(&out, &["notes.txt", "neither an ELF with a PVH entry note nor a Linux bzImage"]);
+}
+
+/// A minimal ELF64 with one PT_LOAD at `load_paddr` and, when `pvh_entry`
+/// is given, a PT_NOTE holding the Xen PVH entry note.
+fn synthetic_elf(load_paddr: u64, pvh_entry: Option<u32>) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
+    let note_off = EHDR + PHDR * usize::from(phnum);
+    let code_off = note_off + 24;
+    let mut b = vec![0u8; code_off + 16];
+    b[0..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // ELFCLASS64
+    b[5] = 1; // little-endian
+    b[6] = 1; // EV_CURRENT
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&load_paddr.to_le_bytes()); // e_entry
+    b[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    b[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
+    b[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
+    b[56..58].copy_from_slice(&phnum.to_le_bytes());
+    let mut phdr = |i: usize, p_type: u32, off: u64, paddr: u64, size: u64, align: u64| {
+        let p = EHDR + PHDR * i;
+        b[p..p + 4].copy_from_slice(&p_type.to_le_bytes());
+        b[p + 8..p + 16].copy_from_slice(&off.to_le_bytes());
+        b[p + 16..p + 24].copy_from_slice(&paddr.to_le_bytes());
+        b[p + 24..p + 32].copy_from_slice(&paddr.to_le_bytes());
+        b[p + 32..p + 40].copy_from_slice(&size.to_le_bytes());
+        b[p + 40..p + 48].copy_from_slice(&size.to_le_bytes());
+        b[p + 48..p + 56].copy_from_slice(&align.to_le_bytes());
+    };
+    phdr(0, 1, code_off as u64, load_paddr, 16, 16);
+    if let Some(entry) = pvh_entry {
+        phdr(1, 4, note_off as u64, 0, 24, 4);
+        let n = note_off;
+        b[n..n + 4].copy_from_slice(&4u32.to_le_bytes()); // namesz "Xen\0"
+        b[n + 4..n + 8].copy_from_slice(&8u32.to_le_bytes()); // descsz
+        b[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+        b[n + 12..n + 16].copy_from_slice(b"Xen\0");
+        b[n + 16..n + 20].copy_from_slice(&entry.to_le_bytes());
+    }
+    b
+}
+
+fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn memory_too_small_for_the_kernel_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let elf = write_temp(dir.path(), "high.elf", &synthetic_elf(0x400_0000, Some(0x400_0000)));
+    let out = ringvm(&["--kernel", elf.to_str().unwrap(), "--memory", "32M"]);
+    assert_bad_input(&out, &["high.elf", "raise --memory"]);
+}
+
+#[test]
+fn elf_without_pvh_note_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let elf = write_temp(dir.path(), "plain.elf", &synthetic_elf(0x10_0000, None));
+    let out = ringvm(&["--kernel", elf.to_str().unwrap()]);
+    assert_bad_input(&out, &["plain.elf", "without a PVH entry note"]);
+}
+
+#[test]
+fn truncated_elf_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = synthetic_elf(0x10_0000, Some(0x10_0000));
+    bytes.truncate(100);
+    let elf = write_temp(dir.path(), "cut.elf", &bytes);
+    let out = ringvm(&["--kernel", elf.to_str().unwrap()]);
+    assert_bad_input(&out, &["cut.elf", "malformed ELF"]);
+}
+
+#[test]
+fn zero_cpus_is_refused() {
+    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--cpus", "0"]);
+    assert_bad_input(&out, &["--cpus", "1..=64"]);
+}
+
+#[test]
+fn too_many_cpus_is_refused() {
+    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--cpus", "65"]);
+    assert_bad_input(&out, &["--cpus", "65"]);
+}
+
+#[test]
+fn unknown_flag_is_refused() {
+    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--turbo"]);
+    assert_bad_input(&out, &["--turbo"]);
+}
+
+#[test]
+fn bad_memory_sizes_are_refused() {
+    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--memory", "12T"]);
+    assert_bad_input(&out, &["--memory", "12T", "K, M or G"]);
+    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--memory", "1M"]);
+    assert_bad_input(&out, &["--memory", "below the minimum"]);
+}
+
+#[test]
+fn bad_serial_mode_is_refused() {
+    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--serial", "tcp:1234"]);
+    assert_bad_input(&out, &["--serial", "stdio, off or file=PATH"]);
+    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--serial", "file=/nonexistent/dir/log"]);
+    assert_bad_input(&out, &["/nonexistent/dir/log", "serial output file"]);
+}
+
+#[test]
+fn missing_initramfs_is_named() {
+    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--initramfs", "/nonexistent/initrd.img"]);
+    assert_bad_input(&out, &["/nonexistent/initrd.img", "initramfs"]);
+}
+
+#[test]
+fn the_same_elf_boots_under_qemu() {
+    let Some(qemu) = qemu_path() else {
+        println!("SKIPPED: qemu-system-x86_64 is not installed, so the QEMU boot of the test guest was not checked");
+        return;
+    };
+    let accel = if ringvm_tests::harness::kvm_available() { "kvm" } else { "tcg" };
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", accel, "-M", "pc", "-nographic", "-kernel", GUEST_ELF_PATH])
+        .args(["-append", "job=hello exit=7"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    let out = run_bounded(cmd, QEMU_TIMEOUT, Some("testguest:")).expect("spawning qemu");
+    // isa-debug-exit makes QEMU exit with (n << 1) | 1.
+    assert_eq!(out.status, ExitOutcome::Exited((7 << 1) | 1), "{out}");
+    // SeaBIOS prints "Booting from ROM.." without a newline before the guest
+    // starts, and its memory map gives the guest a little less than -m.
+    assert!(out.stdout.contains("testguest: hello mem="), "{out}");
+    assert_line(&out, "testguest: cpus=1");
+}
