@@ -12,7 +12,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
         Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
         Some(b'0'..=b'9') => (s, 0),
-        _ => return Err(format!("'{s}' is not a size: use a number with K, M or G (e.g. 512M)")),
+        _ => {
+            return Err(format!(
+                "'{s}' is not a size: use a number with K, M or G (e.g. 512M)"
+            ))
+        }
     };
     let n: u64 = digits
         .parse()
@@ -28,7 +32,9 @@ pub fn parse_serial(s: &str) -> Result<SerialMode, String> {
         "off" => Ok(SerialMode::Off),
         _ => match s.strip_prefix("file=") {
             Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
-            _ => Err(format!("'{s}' is not a serial mode: use stdio, off or file=PATH")),
+            _ => Err(format!(
+                "'{s}' is not a serial mode: use stdio, off or file=PATH"
+            )),
         },
     }
 }
@@ -48,14 +54,19 @@ mod tests {
         assert!(parse_size("12T").is_err());
         assert!(parse_size("-1M").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
-        assert!(parse_size("18446744073709551615G").unwrap_err().contains("too large"));
+        assert!(parse_size("18446744073709551615G")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]
     fn serial_modes() {
         assert_eq!(parse_serial("stdio"), Ok(SerialMode::Stdio));
         assert_eq!(parse_serial("off"), Ok(SerialMode::Off));
-        assert_eq!(parse_serial("file=/tmp/x"), Ok(SerialMode::File("/tmp/x".into())));
+        assert_eq!(
+            parse_serial("file=/tmp/x"),
+            Ok(SerialMode::File("/tmp/x".into()))
+        );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("tcp").is_err());
     }

@@ -103,8 +103,15 @@ pub fn vcpu_cpuid(base: &CpuId, apic_id: u8, topo: CpuTopology) -> CpuId {
     // Make sure leaf 0xb reports both levels even if the host lists fewer subleaves.
     if entries.iter().any(|e| e.function == LEAF_EXT_TOPOLOGY) {
         for index in 0..2 {
-            if !entries.iter().any(|e| e.function == LEAF_EXT_TOPOLOGY && e.index == index) {
-                let level = if index == 0 { LEVEL_TYPE_SMT } else { LEVEL_TYPE_CORE };
+            if !entries
+                .iter()
+                .any(|e| e.function == LEAF_EXT_TOPOLOGY && e.index == index)
+            {
+                let level = if index == 0 {
+                    LEVEL_TYPE_SMT
+                } else {
+                    LEVEL_TYPE_CORE
+                };
                 entries.push(kvm_cpuid_entry2 {
                     function: LEAF_EXT_TOPOLOGY,
                     index,
@@ -128,7 +135,8 @@ pub fn vcpu_cpuid(base: &CpuId, apic_id: u8, topo: CpuTopology) -> CpuId {
         });
     }
 
-    CpuId::from_entries(&entries).expect("the adapted CPUID has no more entries than KVM_MAX_CPUID_ENTRIES")
+    CpuId::from_entries(&entries)
+        .expect("the adapted CPUID has no more entries than KVM_MAX_CPUID_ENTRIES")
 }
 
 #[cfg(test)]
@@ -186,8 +194,14 @@ mod tests {
         assert_eq!(find(&c, LEAF_EXT_TOPOLOGY, 0).edx, 3);
         let timing = find(&c, LEAF_HYPERVISOR_TIMING, 0);
         assert_eq!((timing.eax, timing.ebx), (2_000_000, LAPIC_TIMER_KHZ));
-        assert_eq!(find(&c, LEAF_HYPERVISOR_BASE, 0).eax, LEAF_HYPERVISOR_TIMING);
-        assert!(!c.as_slice().iter().any(|e| e.function == LEAF_V2_EXT_TOPOLOGY));
+        assert_eq!(
+            find(&c, LEAF_HYPERVISOR_BASE, 0).eax,
+            LEAF_HYPERVISOR_TIMING
+        );
+        assert!(!c
+            .as_slice()
+            .iter()
+            .any(|e| e.function == LEAF_V2_EXT_TOPOLOGY));
     }
 
     #[test]

@@ -116,11 +116,19 @@ impl EventLoop {
                 .register(&mut SourceFd(&fd), t.token(), Interest::READABLE)
                 .map_err(|source| EventLoopError::Register { what, source })
         };
-        reg(exit.eventfd().as_raw_fd(), EventToken::Exit, "the exit eventfd")?;
+        reg(
+            exit.eventfd().as_raw_fd(),
+            EventToken::Exit,
+            "the exit eventfd",
+        )?;
         reg(signals.as_raw_fd(), EventToken::Signal, "the signalfd")?;
         let mut stdin_open = false;
         if let Some(c) = &console {
-            reg(c.drained.as_raw_fd(), EventToken::InputDrained, "the serial input eventfd")?;
+            reg(
+                c.drained.as_raw_fd(),
+                EventToken::InputDrained,
+                "the serial input eventfd",
+            )?;
             // epoll refuses regular files and /dev/null: such a stdin has
             // nothing interactive to forward.
             match poll.registry().register(
@@ -174,7 +182,13 @@ impl EventLoop {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reads at most `size` bytes into `info`, which is `size` bytes long.
-        let n = unsafe { libc::read(self.signals.as_raw_fd(), std::ptr::addr_of_mut!(info).cast(), size) };
+        let n = unsafe {
+            libc::read(
+                self.signals.as_raw_fd(),
+                std::ptr::addr_of_mut!(info).cast(),
+                size,
+            )
+        };
         if n == size as isize {
             tracing::info!(signal = info.ssi_signo, "stop signal received");
             self.exit.request(ExitReason::Signal(info.ssi_signo as i32));

@@ -1,6 +1,9 @@
 //! The VM-level KVM calls (with vcpu.rs, the only user of kvm-ioctls).
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,7 +31,9 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
-    #[error("cannot open /dev/kvm (is KVM enabled on this host, and may this user open /dev/kvm?)")]
+    #[error(
+        "cannot open /dev/kvm (is KVM enabled on this host, and may this user open /dev/kvm?)"
+    )]
     Open(#[source] kvm_ioctls::Error),
     #[error("/dev/kvm speaks API version {0}, ringvm needs 12")]
     ApiVersion(i32),

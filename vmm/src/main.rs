@@ -28,7 +28,11 @@ const EXIT_BAD_INPUT: u8 = 2;
 const EXIT_FAULT: u8 = 1;
 
 #[derive(Parser, Debug)]
-#[command(name = "ringvm", version, about = "KVM VMM with vhost-user storage and network backends")]
+#[command(
+    name = "ringvm",
+    version,
+    about = "KVM VMM with vhost-user storage and network backends"
+)]
 struct Cli {
     /// Kernel to boot: an ELF with a PVH entry note, or a Linux bzImage.
     #[arg(long, value_name = "PATH")]
@@ -75,7 +79,11 @@ fn main() -> ExitCode {
             ExitCode::from(reason.exit_status() as u8)
         }
         Err(e) => {
-            let status = if e.is_bad_input() { EXIT_BAD_INPUT } else { EXIT_FAULT };
+            let status = if e.is_bad_input() {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_FAULT
+            };
             eprintln!("ringvm: error: {:#}", anyhow::Error::new(e));
             ExitCode::from(status)
         }

@@ -11,9 +11,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
-use crate::boot::layout::{
-    HIMEM_START, MMIO_HOLE_START, RAM_ABOVE_HOLE_START,
-};
+use crate::boot::layout::{HIMEM_START, MMIO_HOLE_START, RAM_ABOVE_HOLE_START};
 
 /// Smallest guest RAM ringvm accepts: the boot structures live below 1 MiB
 /// and a kernel needs at least some room above it.
@@ -49,7 +47,10 @@ pub struct RamRange {
 
 /// Guest RAM backed by a sealed memfd.
 pub struct GuestRam {
-    #[allow(dead_code, reason = "read through memfd(), which the vhost-user frontend will use")]
+    #[allow(
+        dead_code,
+        reason = "read through memfd(), which the vhost-user frontend will use"
+    )]
     memfd: File,
     memory: GuestMemoryMmap,
     ranges: Vec<RamRange>,
@@ -70,9 +71,14 @@ impl GuestRam {
         let memfd = create_memfd(size_bytes)?;
         let mut mappings = Vec::with_capacity(ranges.len());
         for r in &ranges {
-            let len = usize::try_from(r.len_bytes).map_err(|_| MemoryError::TooLarge(size_bytes))?;
+            let len =
+                usize::try_from(r.len_bytes).map_err(|_| MemoryError::TooLarge(size_bytes))?;
             let file = memfd.try_clone().map_err(MemoryError::MemfdCreate)?;
-            mappings.push((r.guest_addr, len, Some(FileOffset::new(file, r.memfd_offset))));
+            mappings.push((
+                r.guest_addr,
+                len,
+                Some(FileOffset::new(file, r.memfd_offset)),
+            ));
         }
         let memory = GuestMemoryMmap::from_ranges_with_files(mappings).map_err(MemoryError::Map)?;
         Ok(Self {
@@ -96,7 +102,10 @@ impl GuestRam {
     }
 
     /// The memfd behind all ranges (for the vhost-user memory table).
-    #[allow(dead_code, reason = "the vhost-user frontend sends it; until then only tests read it")]
+    #[allow(
+        dead_code,
+        reason = "the vhost-user frontend sends it; until then only tests read it"
+    )]
     pub fn memfd(&self) -> &File {
         &self.memfd
     }
@@ -136,7 +145,8 @@ fn create_memfd(size_bytes: u64) -> Result<File, MemoryError> {
     const NAME: &CStr = c"ringvm-guest-ram";
     // SAFETY: NAME is a valid NUL-terminated string; the flags are valid
     // memfd_create flags. The returned fd is checked before use.
-    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::MemfdCreate(std::io::Error::last_os_error()));
     }
@@ -146,7 +156,13 @@ fn create_memfd(size_bytes: u64) -> Result<File, MemoryError> {
         .map_err(|source| MemoryError::MemfdResize { size_bytes, source })?;
     let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
     // SAFETY: F_ADD_SEALS on an fd we own, with valid seal flags; no memory is passed.
-    let rc = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_ADD_SEALS, seals) };
+    let rc = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::F_ADD_SEALS,
+            seals,
+        )
+    };
     if rc < 0 {
         return Err(MemoryError::MemfdSeal(std::io::Error::last_os_error()));
     }
@@ -180,7 +196,9 @@ mod tests {
     fn ram_is_shared_through_the_memfd() {
         use std::os::unix::fs::FileExt;
         let ram = GuestRam::new(4 << 20).unwrap();
-        ram.memory().write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
+        ram.memory()
+            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
+            .unwrap();
         let mut buf = [0u8; 4];
         ram.memfd().read_exact_at(&mut buf, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
@@ -196,6 +214,9 @@ mod tests {
 
     #[test]
     fn too_small_is_refused() {
-        assert!(matches!(GuestRam::new(1 << 20), Err(MemoryError::TooSmall(_))));
+        assert!(matches!(
+            GuestRam::new(1 << 20),
+            Err(MemoryError::TooSmall(_))
+        ));
     }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_regs, kvm_run, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, Msrs,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -86,7 +86,8 @@ pub fn write_boot_gdt(mem: &GuestMemoryMmap) -> Result<(), VcpuError> {
         mem.write_obj(*e, GuestAddress(BOOT_GDT_START.0 + 8 * i as u64))
             .map_err(VcpuError::WriteGdt)?;
     }
-    mem.write_obj(0u64, BOOT_IDT_START).map_err(VcpuError::WriteGdt)
+    mem.write_obj(0u64, BOOT_IDT_START)
+        .map_err(VcpuError::WriteGdt)
 }
 
 /// The kvm_segment a GDT entry describes.
@@ -354,7 +355,10 @@ fn boot_registers(mut sregs: kvm_sregs, boot: BootState) -> (kvm_regs, kvm_sregs
         EntryPoint::Linux64 { entry } => {
             sregs.cs = segment(CODE64_SELECTOR);
             sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
-            sregs.cr3 = boot.page_tables.expect("64-bit entry comes with page tables").0;
+            sregs.cr3 = boot
+                .page_tables
+                .expect("64-bit entry comes with page tables")
+                .0;
             sregs.cr4 = CR4_PAE;
             sregs.efer = EFER_LME | EFER_LMA;
             regs.rip = entry.0;
@@ -373,7 +377,10 @@ mod tests {
     #[test]
     fn segments_decode_the_gdt() {
         let cs64 = segment(CODE64_SELECTOR);
-        assert_eq!((cs64.l, cs64.db, cs64.type_, cs64.limit, cs64.g), (1, 0, 0xb, 0xffff_ffff, 1));
+        assert_eq!(
+            (cs64.l, cs64.db, cs64.type_, cs64.limit, cs64.g),
+            (1, 0, 0xb, 0xffff_ffff, 1)
+        );
         let cs32 = segment(CODE32_SELECTOR);
         assert_eq!((cs32.l, cs32.db, cs32.type_), (0, 1, 0xb));
         let ds = segment(DATA_SELECTOR);

@@ -16,9 +16,13 @@ use crate::boot::{self, BootError, EntryPoint};
 use crate::devices::acpi_pm::{Pm1Control, Pm1Event};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::i8042::I8042;
+use crate::devices::pci::{PciBus, PciConfigIo};
+use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialConsole, SerialOut};
 use crate::devices::{BusError, ExitReason, ExitSignal, PioBus};
-use crate::event_loop::{block_stop_signals, ConsoleInput, EventLoop, EventLoopError, TerminalGuard};
+use crate::event_loop::{
+    block_stop_signals, ConsoleInput, EventLoop, EventLoopError, TerminalGuard,
+};
 use crate::kvm::{KvmError, KvmVm};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vcpu::{kick_signal, on_kick_signal, write_boot_gdt, BootState, Vcpu, VcpuError};
@@ -79,13 +83,16 @@ impl VmError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            VmError::Boot(_) | VmError::SerialFile { .. } | VmError::Memory(MemoryError::TooSmall(_))
+            VmError::Boot(_)
+                | VmError::SerialFile { .. }
+                | VmError::Memory(MemoryError::TooSmall(_))
         )
     }
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, VmError> {
-    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| VmError::EventFd { what, source })
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|source| VmError::EventFd { what, source })
 }
 
 /// Serial output that writes each byte straight through (no buffering), so
@@ -93,10 +100,12 @@ fn eventfd(what: &'static str) -> Result<EventFd, VmError> {
 fn serial_output(mode: &SerialMode) -> Result<SerialOut, VmError> {
     Ok(match mode {
         SerialMode::Stdio => Box::new(std::io::stdout()) as SerialOut,
-        SerialMode::File(path) => Box::new(File::create(path).map_err(|source| VmError::SerialFile {
-            path: path.clone(),
-            source,
-        })?),
+        SerialMode::File(path) => {
+            Box::new(File::create(path).map_err(|source| VmError::SerialFile {
+                path: path.clone(),
+                source,
+            })?)
+        }
         SerialMode::Off => Box::new(std::io::sink()),
     })
 }
@@ -133,7 +142,7 @@ fn load_guest(ram: &GuestRam, cfg: &VmConfig) -> Result<BootState, VmError> {
         ram.memory(),
         &AcpiConfig {
             num_cpus: cfg.num_vcpus,
-            pci: false,
+            pci: true,
         },
     )
     .map_err(VmError::Acpi)?;
@@ -146,10 +155,20 @@ fn load_guest(ram: &GuestRam, cfg: &VmConfig) -> Result<BootState, VmError> {
         },
         (EntryPoint::Linux64 { .. }, Some(hdr)) => BootState {
             entry: kernel.entry,
-            boot_info: boot::linux::write_boot_params(ram, hdr, cmdline, cfg.cmdline.len(), &map, initramfs, rsdp)?,
+            boot_info: boot::linux::write_boot_params(
+                ram,
+                hdr,
+                cmdline,
+                cfg.cmdline.len(),
+                &map,
+                initramfs,
+                rsdp,
+            )?,
             page_tables: Some(boot::linux::write_identity_page_tables(ram)?),
         },
-        (EntryPoint::Linux64 { .. }, None) => unreachable!("a 64-bit Linux entry always comes from a setup header"),
+        (EntryPoint::Linux64 { .. }, None) => {
+            unreachable!("a 64-bit Linux entry always comes from a setup header")
+        }
     })
 }
 
@@ -184,8 +203,26 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     let mut pio = PioBus::default();
     let bus = |pio: &mut PioBus, base, len, dev| pio.insert(base, len, dev).map_err(VmError::Bus);
     bus(&mut pio, ports::SERIAL_COM1, 8, serial.clone())?;
-    bus(&mut pio, ports::I8042_DATA, 5, Arc::new(Mutex::new(I8042::new(exit.clone()))))?;
-    bus(&mut pio, ports::DEBUG_EXIT, 1, Arc::new(Mutex::new(DebugExit::new(exit.clone()))))?;
+    bus(
+        &mut pio,
+        ports::I8042_DATA,
+        5,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    bus(&mut pio, ports::RTC, 2, Arc::new(Mutex::new(Rtc::new())))?;
+    let pci = Arc::new(Mutex::new(PciBus::new()));
+    bus(
+        &mut pio,
+        ports::PCI_CONFIG,
+        ports::PCI_CONFIG_LEN,
+        Arc::new(Mutex::new(PciConfigIo::new(pci))),
+    )?;
+    bus(
+        &mut pio,
+        ports::DEBUG_EXIT,
+        1,
+        Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+    )?;
     bus(
         &mut pio,
         ports::ACPI_PM1A_EVT,
@@ -204,7 +241,13 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     let mut vcpus = Vec::with_capacity(usize::from(cfg.num_vcpus));
     for id in 0..cfg.num_vcpus {
         let fd = kvm.create_vcpu(id)?;
-        vcpus.push(Vcpu::new(id, fd, &base_cpuid, cfg.num_vcpus, (id == 0).then_some(boot))?);
+        vcpus.push(Vcpu::new(
+            id,
+            fd,
+            &base_cpuid,
+            cfg.num_vcpus,
+            (id == 0).then_some(boot),
+        )?);
     }
 
     register_signal_handler(kick_signal(), on_kick_signal).map_err(VmError::KickHandler)?;
@@ -239,7 +282,11 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     );
     let reason = event_loop.run();
     stop_vcpus(&stop, threads);
-    tracing::info!(?reason, run_ms = started.elapsed().as_millis() as u64, "guest ended");
+    tracing::info!(
+        ?reason,
+        run_ms = started.elapsed().as_millis() as u64,
+        "guest ended"
+    );
     Ok(reason)
 }
 

@@ -78,6 +78,11 @@ pub mod ports {
     /// i8042 data port / command-status port.
     pub const I8042_DATA: u16 = 0x60;
     pub const I8042_COMMAND: u16 = 0x64;
+    /// CMOS RTC index and data ports.
+    pub const RTC: u16 = 0x70;
+    /// PCI configuration mechanism #1: CONFIG_ADDRESS (0xcf8) and CONFIG_DATA (0xcfc).
+    pub const PCI_CONFIG: u16 = 0xcf8;
+    pub const PCI_CONFIG_LEN: u16 = 8;
     /// Debug-exit port: the guest writes n, ringvm exits with status n
     /// (same place as QEMU's isa-debug-exit iobase=0xf4).
     pub const DEBUG_EXIT: u16 = 0xf4;

@@ -35,25 +35,35 @@ const PTE_PRESENT_RW: u64 = 0x3;
 const PTE_HUGE: u64 = 0x80;
 
 /// Loads the protected-mode kernel of a bzImage at 1 MiB.
-pub fn load_bzimage(ram: &GuestRam, path: &Path, file: &mut File) -> Result<LoadedKernel, BootError> {
+pub fn load_bzimage(
+    ram: &GuestRam,
+    path: &Path,
+    file: &mut File,
+) -> Result<LoadedKernel, BootError> {
     let bad = |reason: String| BootError::BadBzImage {
         path: path.to_owned(),
         reason,
     };
-    let r = BzImage::load(ram.memory(), None, file, Some(super::layout::HIMEM_START)).map_err(|e| match e {
-        linux_loader::loader::Error::Bzimage(linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel) => {
-            BootError::MemoryTooSmall {
-                path: path.to_owned(),
-                needed_bytes: file.metadata().map(|m| m.len()).unwrap_or(0) + super::layout::HIMEM_START.0,
-                available_bytes: ram.low_ram_end().0,
+    let r =
+        BzImage::load(ram.memory(), None, file, Some(super::layout::HIMEM_START)).map_err(|e| {
+            match e {
+                linux_loader::loader::Error::Bzimage(
+                    linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
+                ) => BootError::MemoryTooSmall {
+                    path: path.to_owned(),
+                    needed_bytes: file.metadata().map(|m| m.len()).unwrap_or(0)
+                        + super::layout::HIMEM_START.0,
+                    available_bytes: ram.low_ram_end().0,
+                },
+                e => BootError::LoadKernel {
+                    path: path.to_owned(),
+                    source: e,
+                },
             }
-        }
-        e => BootError::LoadKernel {
-            path: path.to_owned(),
-            source: e,
-        },
-    })?;
-    let hdr = r.setup_header.expect("BzImage::load always returns the setup header");
+        })?;
+    let hdr = r
+        .setup_header
+        .expect("BzImage::load always returns the setup header");
     if hdr.version < MIN_BOOT_PROTOCOL {
         return Err(bad(format!(
             "boot protocol {}.{} is older than 2.12",
@@ -130,7 +140,10 @@ pub fn write_identity_page_tables(ram: &GuestRam) -> Result<GuestAddress, BootEr
     w(PDPTE_START.0 | PTE_PRESENT_RW, PML4_START)?;
     for pd in 0..IDENTITY_MAP_PDS {
         let pd_addr = PDE_START.0 + pd * 0x1000;
-        w(pd_addr | PTE_PRESENT_RW, GuestAddress(PDPTE_START.0 + pd * 8))?;
+        w(
+            pd_addr | PTE_PRESENT_RW,
+            GuestAddress(PDPTE_START.0 + pd * 8),
+        )?;
         for i in 0..512u64 {
             let phys = ((pd * 512 + i) << 21) | PTE_PRESENT_RW | PTE_HUGE;
             w(phys, GuestAddress(pd_addr + i * 8))?;
@@ -150,9 +163,15 @@ mod tests {
         let pml4 = write_identity_page_tables(&ram).unwrap();
         let walk = |va: u64| -> u64 {
             let m = ram.memory();
-            let e4: u64 = m.read_obj(GuestAddress(pml4.0 + ((va >> 39) & 511) * 8)).unwrap();
-            let e3: u64 = m.read_obj(GuestAddress((e4 & !0xfff) + ((va >> 30) & 511) * 8)).unwrap();
-            let e2: u64 = m.read_obj(GuestAddress((e3 & !0xfff) + ((va >> 21) & 511) * 8)).unwrap();
+            let e4: u64 = m
+                .read_obj(GuestAddress(pml4.0 + ((va >> 39) & 511) * 8))
+                .unwrap();
+            let e3: u64 = m
+                .read_obj(GuestAddress((e4 & !0xfff) + ((va >> 30) & 511) * 8))
+                .unwrap();
+            let e2: u64 = m
+                .read_obj(GuestAddress((e3 & !0xfff) + ((va >> 21) & 511) * 8))
+                .unwrap();
             assert_eq!(e2 & PTE_HUGE, PTE_HUGE);
             (e2 & !0x1f_ffff & !PTE_HUGE & !0xfff) | (va & 0x1f_ffff)
         };
@@ -174,7 +193,16 @@ mod tests {
             addr: GuestAddress(0x300_0000),
             size_bytes: 99,
         };
-        let at = write_boot_params(&ram, hdr, GuestAddress(0x20000), 12, &map, Some(init), GuestAddress(0xe0000)).unwrap();
+        let at = write_boot_params(
+            &ram,
+            hdr,
+            GuestAddress(0x20000),
+            12,
+            &map,
+            Some(init),
+            GuestAddress(0xe0000),
+        )
+        .unwrap();
         let p: boot_params = ram.memory().read_obj(at).unwrap();
         assert_eq!(p.e820_entries as usize, map.len());
         assert_eq!({ p.hdr.cmd_line_ptr }, 0x20000);

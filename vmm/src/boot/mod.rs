@@ -141,7 +141,8 @@ fn detect(path: &Path, file: &mut File) -> Result<KernelKind, BootError> {
         }
     }
     if len >= BZIMAGE_MAGIC_OFFSET + 4 {
-        file.seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET)).map_err(read_err)?;
+        file.seek(SeekFrom::Start(BZIMAGE_MAGIC_OFFSET))
+            .map_err(read_err)?;
         file.read_exact(&mut magic).map_err(read_err)?;
         if &magic == BZIMAGE_MAGIC {
             return Ok(KernelKind::BzImage);
@@ -230,19 +231,22 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, BootErro
             if end > low_end {
                 return Err(too_small(end));
             }
-            file.seek(SeekFrom::Start(0)).map_err(|source| BootError::ReadKernel {
-                path: path.to_owned(),
-                source,
-            })?;
-            let r = Elf::load(ram.memory(), None, &mut file, Some(HIMEM_START)).map_err(|e| match e {
-                linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::InvalidPvhNote) => {
-                    BootError::BadElf {
+            file.seek(SeekFrom::Start(0))
+                .map_err(|source| BootError::ReadKernel {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            let r = Elf::load(ram.memory(), None, &mut file, Some(HIMEM_START)).map_err(
+                |e| match e {
+                    linux_loader::loader::Error::Elf(
+                        linux_loader::loader::elf::Error::InvalidPvhNote,
+                    ) => BootError::BadElf {
                         path: path.to_owned(),
                         reason: "invalid PVH note".into(),
-                    }
-                }
-                e => load_err(e),
-            })?;
+                    },
+                    e => load_err(e),
+                },
+            )?;
             let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap else {
                 return Err(BootError::ElfWithoutPvh(path.to_owned()));
             };
@@ -310,7 +314,11 @@ pub fn load_initramfs(
 
 /// Writes the NUL-terminated command line at CMDLINE_START; `max_len` is the
 /// longest the kernel accepts (NUL excluded).
-pub fn write_cmdline(ram: &GuestRam, cmdline: &str, max_len: usize) -> Result<GuestAddress, BootError> {
+pub fn write_cmdline(
+    ram: &GuestRam,
+    cmdline: &str,
+    max_len: usize,
+) -> Result<GuestAddress, BootError> {
     let max = max_len.min(CMDLINE_MAX_BYTES - 1);
     if cmdline.len() > max {
         return Err(BootError::CmdlineTooLong {
@@ -367,9 +375,16 @@ mod tests {
     fn memory_map_covers_ram_and_reserves_legacy_area() {
         let ram = GuestRam::new(256 << 20).unwrap();
         let map = memory_map(&ram);
-        let ram_total: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram_total: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram_total, (256 << 20) - (HIMEM_START.0 - EBDA_START.0));
-        assert_eq!(map.last().unwrap().addr + map.last().unwrap().size, 256 << 20);
+        assert_eq!(
+            map.last().unwrap().addr + map.last().unwrap().size,
+            256 << 20
+        );
     }
 
     #[test]
@@ -403,7 +418,10 @@ mod tests {
             write_cmdline(&ram, &"x".repeat(101), 100),
             Err(BootError::CmdlineTooLong { len: 101, max: 100 })
         ));
-        assert!(matches!(write_cmdline(&ram, "a\0b", 100), Err(BootError::CmdlineHasNul)));
+        assert!(matches!(
+            write_cmdline(&ram, "a\0b", 100),
+            Err(BootError::CmdlineHasNul)
+        ));
         let mut buf = [0u8; 14];
         ram.memory().read_slice(&mut buf, CMDLINE_START).unwrap();
         assert_eq!(&buf, b"console=ttyS0\0");

@@ -3,7 +3,9 @@
 
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use vm_memory::GuestAddress;
 
 use super::layout::{PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START};
@@ -49,7 +51,11 @@ pub fn write_start_info(
         version: HVM_START_INFO_VERSION,
         flags: 0,
         nr_modules: modules.len() as u32,
-        modlist_paddr: if modules.is_empty() { 0 } else { PVH_MODLIST_START.0 },
+        modlist_paddr: if modules.is_empty() {
+            0
+        } else {
+            PVH_MODLIST_START.0
+        },
         cmdline_paddr: cmdline.0,
         rsdp_paddr: rsdp.0,
         memmap_paddr: PVH_MEMMAP_START.0,
@@ -61,7 +67,8 @@ pub fn write_start_info(
     if !modules.is_empty() {
         params.set_modules(&modules, PVH_MODLIST_START);
     }
-    PvhBootConfigurator::write_bootparams(&params, ram.memory()).map_err(BootError::Configurator)?;
+    PvhBootConfigurator::write_bootparams(&params, ram.memory())
+        .map_err(BootError::Configurator)?;
     Ok(PVH_INFO_START)
 }
 
@@ -79,18 +86,30 @@ mod tests {
             addr: GuestAddress(0x200_0000),
             size_bytes: 1234,
         };
-        let at = write_start_info(&ram, GuestAddress(0x20000), &map, Some(initramfs), GuestAddress(0xe0000)).unwrap();
+        let at = write_start_info(
+            &ram,
+            GuestAddress(0x20000),
+            &map,
+            Some(initramfs),
+            GuestAddress(0xe0000),
+        )
+        .unwrap();
         let info: hvm_start_info = ram.memory().read_obj(at).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.cmdline_paddr, 0x20000);
         assert_eq!(info.rsdp_paddr, 0xe0000);
         assert_eq!(info.memmap_entries as usize, map.len());
         assert_eq!(info.nr_modules, 1);
-        let m: hvm_modlist_entry = ram.memory().read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        let m: hvm_modlist_entry = ram
+            .memory()
+            .read_obj(GuestAddress(info.modlist_paddr))
+            .unwrap();
         assert_eq!((m.paddr, m.size), (0x200_0000, 1234));
         let last: hvm_memmap_table_entry = ram
             .memory()
-            .read_obj(GuestAddress(info.memmap_paddr + 24 * (map.len() as u64 - 1)))
+            .read_obj(GuestAddress(
+                info.memmap_paddr + 24 * (map.len() as u64 - 1),
+            ))
             .unwrap();
         assert_eq!(last.addr + last.size, 64 << 20);
     }

@@ -75,7 +75,10 @@ impl PioDevice for Pm1Control {
             if slp_typ == u16::from(S5_SLP_TYP) {
                 self.exit.request(ExitReason::PowerOff);
             } else {
-                tracing::warn!(slp_typ, "guest asked for an ACPI sleep state ringvm does not offer");
+                tracing::warn!(
+                    slp_typ,
+                    "guest asked for an ACPI sleep state ringvm does not offer"
+                );
             }
         }
     }
@@ -91,7 +94,10 @@ mod tests {
         let mut c = Pm1Control::new(s.clone());
         c.write(0, &(u16::from(S5_SLP_TYP) << SLP_TYP_SHIFT).to_le_bytes());
         assert_eq!(s.reason(), None, "SLP_TYP without SLP_EN does nothing");
-        c.write(0, &((u16::from(S5_SLP_TYP) << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes());
+        c.write(
+            0,
+            &((u16::from(S5_SLP_TYP) << SLP_TYP_SHIFT) | SLP_EN).to_le_bytes(),
+        );
         assert_eq!(s.reason(), Some(ExitReason::PowerOff));
     }
 

@@ -83,7 +83,11 @@ impl PioDevice for I8042 {
         let value = match offset {
             DATA_OFFSET => self.output.take().unwrap_or(0),
             COMMAND_OFFSET => {
-                let full = if self.output.is_some() { STATUS_OUTPUT_FULL } else { 0 };
+                let full = if self.output.is_some() {
+                    STATUS_OUTPUT_FULL
+                } else {
+                    0
+                };
                 self.status | full
             }
             _ => 0xff,
@@ -127,7 +131,10 @@ mod tests {
         let s = ExitSignal::new().unwrap();
         let mut d = I8042::new(s.clone());
         d.write(COMMAND_OFFSET, &[CMD_SELF_TEST]);
-        assert_eq!(read(&mut d, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, STATUS_OUTPUT_FULL);
+        assert_eq!(
+            read(&mut d, COMMAND_OFFSET) & STATUS_OUTPUT_FULL,
+            STATUS_OUTPUT_FULL
+        );
         assert_eq!(read(&mut d, DATA_OFFSET), SELF_TEST_PASSED);
         assert_eq!(read(&mut d, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
         d.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);

@@ -3,6 +3,8 @@
 pub mod acpi_pm;
 pub mod debug_exit;
 pub mod i8042;
+pub mod pci;
+pub mod rtc;
 pub mod serial;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,7 +73,10 @@ impl ExitSignal {
     }
 
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().expect("exit reason lock poisoned").clone()
+        self.reason
+            .lock()
+            .expect("exit reason lock poisoned")
+            .clone()
     }
 
     pub fn is_requested(&self) -> bool {
@@ -111,16 +116,19 @@ pub struct PioBus {
 }
 
 impl PioBus {
-    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) -> Result<(), BusError> {
+    pub fn insert(
+        &mut self,
+        base: u16,
+        len: u16,
+        device: Arc<Mutex<dyn PioDevice>>,
+    ) -> Result<(), BusError> {
         let end = u32::from(base) + u32::from(len);
         if len == 0 || end > 0x1_0000 {
             return Err(BusError::BadRange { base, len });
         }
-        if self
-            .ranges
-            .iter()
-            .any(|r| u32::from(r.base) < end && u32::from(base) < u32::from(r.base) + u32::from(r.len))
-        {
+        if self.ranges.iter().any(|r| {
+            u32::from(r.base) < end && u32::from(base) < u32::from(r.base) + u32::from(r.len)
+        }) {
             return Err(BusError::Overlap { base, len });
         }
         let at = self.ranges.partition_point(|r| r.base < base);
@@ -129,7 +137,10 @@ impl PioBus {
     }
 
     fn find(&self, port: u16) -> Option<(&PioRange, u16)> {
-        let idx = self.ranges.partition_point(|r| r.base <= port).checked_sub(1)?;
+        let idx = self
+            .ranges
+            .partition_point(|r| r.base <= port)
+            .checked_sub(1)?;
         let r = &self.ranges[idx];
         let offset = port - r.base;
         (offset < r.len).then_some((r, offset))
@@ -140,7 +151,10 @@ impl PioBus {
     pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
         match self.find(port) {
             Some((r, offset)) => {
-                r.device.lock().expect("device lock poisoned").read(offset, data);
+                r.device
+                    .lock()
+                    .expect("device lock poisoned")
+                    .read(offset, data);
                 true
             }
             None => {
@@ -154,7 +168,10 @@ impl PioBus {
     pub fn write(&self, port: u16, data: &[u8]) -> bool {
         match self.find(port) {
             Some((r, offset)) => {
-                r.device.lock().expect("device lock poisoned").write(offset, data);
+                r.device
+                    .lock()
+                    .expect("device lock poisoned")
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -190,8 +207,14 @@ mod tests {
         let mut bus = PioBus::default();
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         bus.insert(0x60, 1, dev.clone()).unwrap();
-        assert!(matches!(bus.insert(0x3fc, 8, dev.clone()), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(0xfffe, 4, dev.clone()), Err(BusError::BadRange { .. })));
+        assert!(matches!(
+            bus.insert(0x3fc, 8, dev.clone()),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(0xfffe, 4, dev.clone()),
+            Err(BusError::BadRange { .. })
+        ));
         assert!(bus.write(0x3fb, &[7]));
         assert!(!bus.write(0x400, &[7]));
         assert!(!bus.write(0x3f7, &[7]));

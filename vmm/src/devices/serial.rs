@@ -118,7 +118,11 @@ mod tests {
         let buf = SharedBuf::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let c = SerialConsole::new(irq.try_clone().unwrap(), drained.try_clone().unwrap(), Box::new(buf.clone()));
+        let c = SerialConsole::new(
+            irq.try_clone().unwrap(),
+            drained.try_clone().unwrap(),
+            Box::new(buf.clone()),
+        );
         (c, buf, irq, drained)
     }
 
