@@ -19,6 +19,9 @@ const CONFIG_ADDRESS_ENABLE: u32 = 1 << 31;
 /// Bits of CONFIG_ADDRESS that hold state (reserved bits 30:24 and 1:0 read as zero).
 const CONFIG_ADDRESS_MASK: u32 = 0x80ff_fffc;
 
+/// A function on the bus, shared by the bus and whoever owns the device.
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
 /// A function's configuration space as the bus sees it.
 pub trait PciDevice: Send {
     /// Reads dword `reg` (0..CONFIG_DWORDS).
@@ -93,7 +96,7 @@ impl ConfigSpace {
 
 /// Bus 0: one function per slot.
 pub struct PciBus {
-    slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+    slots: Vec<Option<SharedPciDevice>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +108,7 @@ pub enum PciError {
 impl PciBus {
     /// A bus with the host bridge in slot 0.
     pub fn new() -> Self {
-        let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> =
-            (0..NUM_SLOTS).map(|_| None).collect();
+        let mut slots: Vec<Option<SharedPciDevice>> = (0..NUM_SLOTS).map(|_| None).collect();
         slots[0] = Some(Arc::new(Mutex::new(host_bridge::HostBridge::new())));
         Self { slots }
     }
@@ -116,7 +118,7 @@ impl PciBus {
         dead_code,
         reason = "virtio-pci devices are attached here by the vhost-user frontend"
     )]
-    pub fn add(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Result<usize, PciError> {
+    pub fn add(&mut self, device: SharedPciDevice) -> Result<usize, PciError> {
         let slot = self
             .slots
             .iter()
@@ -126,7 +128,7 @@ impl PciBus {
         Ok(slot)
     }
 
-    fn device(&self, bus: u8, slot: usize, function: u8) -> Option<&Arc<Mutex<dyn PciDevice>>> {
+    fn device(&self, bus: u8, slot: usize, function: u8) -> Option<&SharedPciDevice> {
         if bus != 0 || function != 0 {
             return None;
         }
@@ -154,16 +156,20 @@ impl PciConfigIo {
         Self { address: 0, bus }
     }
 
-    /// (bus, slot, function, register) selected by CONFIG_ADDRESS, if enabled.
-    fn target(&self) -> Option<(u8, usize, u8, usize)> {
-        if self.address & CONFIG_ADDRESS_ENABLE == 0 {
+    /// For a CONFIG_DATA access of `len` bytes at port `offset`: the selected
+    /// function and (register, byte within it), or None when CONFIG_ADDRESS
+    /// is disabled, the access crosses the dword, or no function is there.
+    fn data_target(&self, offset: u16, len: usize) -> Option<(SharedPciDevice, usize, usize)> {
+        let byte = usize::from(offset.checked_sub(DATA_OFFSET)?);
+        if byte + len > 4 || self.address & CONFIG_ADDRESS_ENABLE == 0 {
             return None;
         }
         let bus = ((self.address >> 16) & 0xff) as u8;
         let slot = ((self.address >> 11) & 0x1f) as usize;
         let function = ((self.address >> 8) & 0x7) as u8;
         let reg = ((self.address >> 2) & 0x3f) as usize;
-        Some((bus, slot, function, reg))
+        let pci = self.bus.lock().expect("PCI bus lock poisoned");
+        Some((pci.device(bus, slot, function)?.clone(), reg, byte))
     }
 }
 
@@ -177,22 +183,13 @@ impl PioDevice for PciConfigIo {
             }
             return;
         }
-        let byte = usize::from(offset - DATA_OFFSET);
-        if byte + data.len() > 4 {
-            return;
+        if let Some((dev, reg, byte)) = self.data_target(offset, data.len()) {
+            let value = dev
+                .lock()
+                .expect("PCI device lock poisoned")
+                .read_config(reg);
+            data.copy_from_slice(&value.to_le_bytes()[byte..byte + data.len()]);
         }
-        let Some((bus, slot, function, reg)) = self.target() else {
-            return;
-        };
-        let pci = self.bus.lock().expect("PCI bus lock poisoned");
-        let Some(dev) = pci.device(bus, slot, function) else {
-            return;
-        };
-        let value = dev
-            .lock()
-            .expect("PCI device lock poisoned")
-            .read_config(reg);
-        data.copy_from_slice(&value.to_le_bytes()[byte..byte + data.len()]);
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) {
@@ -203,15 +200,7 @@ impl PioDevice for PciConfigIo {
             }
             return;
         }
-        let byte = usize::from(offset - DATA_OFFSET);
-        if byte + data.len() > 4 {
-            return;
-        }
-        let Some((bus, slot, function, reg)) = self.target() else {
-            return;
-        };
-        let pci = self.bus.lock().expect("PCI bus lock poisoned");
-        if let Some(dev) = pci.device(bus, slot, function) {
+        if let Some((dev, reg, byte)) = self.data_target(offset, data.len()) {
             dev.lock()
                 .expect("PCI device lock poisoned")
                 .write_config(reg, byte, data);
