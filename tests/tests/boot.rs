@@ -33,11 +33,20 @@ fn assert_line(out: &RunOutput, line: &str) {
 }
 
 fn assert_bad_input(out: &RunOutput, needles: &[&str]) {
-    assert!(out.exited_with(2), "bad input must exit with status 2\n{out}");
+    assert!(
+        out.exited_with(2),
+        "bad input must exit with status 2\n{out}"
+    );
     for n in needles {
-        assert!(out.stderr.contains(n), "the error should mention {n:?}\n{out}");
+        assert!(
+            out.stderr.contains(n),
+            "the error should mention {n:?}\n{out}"
+        );
     }
-    assert!(!out.stderr.contains("panicked"), "bad input must not panic\n{out}");
+    assert!(
+        !out.stderr.contains("panicked"),
+        "bad input must not panic\n{out}"
+    );
 }
 
 #[test]
@@ -46,7 +55,10 @@ fn hello_reports_default_memory_and_exits_zero() {
     assert!(out.exited_with(0), "{out}");
     assert_line(&out, "testguest: hello mem=512");
     assert_line(&out, "testguest: cpus=1");
-    assert!(out.stderr.is_empty(), "a clean boot logs nothing at the default level\n{out}");
+    assert!(
+        out.stderr.is_empty(),
+        "a clean boot logs nothing at the default level\n{out}"
+    );
 }
 
 #[test]
@@ -92,9 +104,15 @@ fn serial_to_a_file() {
     let spec = format!("file={}", log.display());
     let out = boot_guest(&["--serial", &spec], "job=hello exit=5");
     assert!(out.exited_with(5), "{out}");
-    assert!(out.stdout.is_empty(), "serial output went to the file, not stdout\n{out}");
+    assert!(
+        out.stdout.is_empty(),
+        "serial output went to the file, not stdout\n{out}"
+    );
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.lines().any(|l| l == "testguest: hello mem=512"), "{text}");
+    assert!(
+        text.lines().any(|l| l == "testguest: hello mem=512"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -130,7 +148,13 @@ fn file_that_is_not_a_kernel_is_refused() {
     let path = dir.path().join("notes.txt");
     std::fs::write(&path, "just some text, not a kernel\n".repeat(100)).unwrap();
     let out = ringvm(&["--kernel", path.to_str().unwrap()]);
-    assert_bad_input(&out, &["notes.txt", "neither an ELF with a PVH entry note nor a Linux bzImage"]);
+    assert_bad_input(
+        &out,
+        &[
+            "notes.txt",
+            "neither an ELF with a PVH entry note nor a Linux bzImage",
+        ],
+    );
 }
 
 /// A minimal ELF64 with one PT_LOAD at `load_paddr` and, when `pvh_entry`
@@ -186,7 +210,11 @@ fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 #[test]
 fn memory_too_small_for_the_kernel_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let elf = write_temp(dir.path(), "high.elf", &synthetic_elf(0x400_0000, Some(0x400_0000)));
+    let elf = write_temp(
+        dir.path(),
+        "high.elf",
+        &synthetic_elf(0x400_0000, Some(0x400_0000)),
+    );
     let out = ringvm(&["--kernel", elf.to_str().unwrap(), "--memory", "32M"]);
     assert_bad_input(&out, &["high.elf", "raise --memory"]);
 }
@@ -239,13 +267,23 @@ fn bad_memory_sizes_are_refused() {
 fn bad_serial_mode_is_refused() {
     let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--serial", "tcp:1234"]);
     assert_bad_input(&out, &["--serial", "stdio, off or file=PATH"]);
-    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--serial", "file=/nonexistent/dir/log"]);
+    let out = ringvm(&[
+        "--kernel",
+        GUEST_ELF_PATH,
+        "--serial",
+        "file=/nonexistent/dir/log",
+    ]);
     assert_bad_input(&out, &["/nonexistent/dir/log", "serial output file"]);
 }
 
 #[test]
 fn missing_initramfs_is_named() {
-    let out = ringvm(&["--kernel", GUEST_ELF_PATH, "--initramfs", "/nonexistent/initrd.img"]);
+    let out = ringvm(&[
+        "--kernel",
+        GUEST_ELF_PATH,
+        "--initramfs",
+        "/nonexistent/initrd.img",
+    ]);
     assert_bad_input(&out, &["/nonexistent/initrd.img", "initramfs"]);
 }
 
@@ -255,11 +293,23 @@ fn the_same_elf_boots_under_qemu() {
         println!("SKIPPED: qemu-system-x86_64 is not installed, so the QEMU boot of the test guest was not checked");
         return;
     };
-    let accel = if ringvm_tests::harness::kvm_available() { "kvm" } else { "tcg" };
+    let accel = if ringvm_tests::harness::kvm_available() {
+        "kvm"
+    } else {
+        "tcg"
+    };
     let mut cmd = Command::new(qemu);
-    cmd.args(["-accel", accel, "-M", "pc", "-nographic", "-kernel", GUEST_ELF_PATH])
-        .args(["-append", "job=hello exit=7"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    cmd.args([
+        "-accel",
+        accel,
+        "-M",
+        "pc",
+        "-nographic",
+        "-kernel",
+        GUEST_ELF_PATH,
+    ])
+    .args(["-append", "job=hello exit=7"])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
     let out = run_bounded(cmd, QEMU_TIMEOUT, Some("testguest:")).expect("spawning qemu");
     // isa-debug-exit makes QEMU exit with (n << 1) | 1.
     assert_eq!(out.status, ExitOutcome::Exited((7 << 1) | 1), "{out}");
