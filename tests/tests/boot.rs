@@ -318,3 +318,115 @@ fn the_same_elf_boots_under_qemu() {
     assert!(out.stdout.contains("testguest: hello mem="), "{out}");
     assert_line(&out, "testguest: cpus=1");
 }
+
+/// A ringvm whose stdin the test writes to, with its stdout read line by line.
+struct Interactive {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Interactive {
+    fn start(cmdline: &str) -> Self {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = Command::new(binary("ringvm"))
+            .args(["--kernel", GUEST_ELF_PATH, "--cmdline", cmdline])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning ringvm");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for `line` on the console; panics with what was seen after `timeout`.
+    fn expect_line(&mut self, line: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l == line => return,
+                Ok(l) => self.seen.push(l),
+                Err(_) => break,
+            }
+        }
+        let _ = self.child.kill();
+        panic!(
+            "no line {line:?} within {timeout:?}; console so far: {:?}",
+            self.seen
+        );
+    }
+
+    /// Waits for the process to end; kills it and panics after `timeout`.
+    fn wait(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("ringvm did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn stdin_reaches_the_guest_console() {
+    use std::io::Write;
+    let mut vm = Interactive::start("job=echo exit=4");
+    vm.expect_line("testguest: echo ready", BOOT_TIMEOUT);
+    let mut stdin = vm.child.stdin.take().unwrap();
+    stdin.write_all(b"hello from stdin\n").unwrap();
+    drop(stdin);
+    vm.expect_line("testguest: echo hello from stdin", BOOT_TIMEOUT);
+    assert_eq!(vm.wait(BOOT_TIMEOUT).code(), Some(4));
+}
+
+#[test]
+fn long_input_is_not_lost_when_the_fifo_fills() {
+    use std::io::Write;
+    // More than the UART's 64-byte FIFO: ringvm must hold the rest back
+    // until the guest drains it.
+    let text: String = (0..200)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let mut vm = Interactive::start("job=echo");
+    vm.expect_line("testguest: echo ready", BOOT_TIMEOUT);
+    let mut stdin = vm.child.stdin.take().unwrap();
+    stdin.write_all(format!("{text}\n").as_bytes()).unwrap();
+    vm.expect_line(&format!("testguest: echo {text}"), BOOT_TIMEOUT);
+    drop(stdin);
+    assert_eq!(vm.wait(BOOT_TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn sigterm_stops_a_running_guest() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut vm = Interactive::start("job=echo");
+    vm.expect_line("testguest: echo ready", BOOT_TIMEOUT);
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+    let rc = unsafe { libc::kill(vm.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = vm.wait(BOOT_TIMEOUT);
+    assert_eq!(status.signal(), None, "ringvm handles SIGTERM itself");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+}

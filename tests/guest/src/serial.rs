@@ -13,6 +13,7 @@ const REG_LSR: u16 = 5;
 const LCR_DLAB: u8 = 0x80;
 const LCR_8N1: u8 = 0x03;
 const LSR_THRE: u8 = 0x20;
+const LSR_DATA_READY: u8 = 0x01;
 /// 115200 baud = 115200 / divisor 1.
 const DIVISOR_115200: u8 = 1;
 /// LSR reads before a byte is sent anyway: each read is an exit to the VMM,
@@ -51,6 +52,16 @@ pub fn write_byte(byte: u8) {
     }
     // SAFETY: writing COM1's data register only queues a byte for output.
     unsafe { outb(COM1 + REG_DATA, byte) };
+}
+
+/// The next received byte, if the UART has one.
+pub fn try_read_byte() -> Option<u8> {
+    // SAFETY: reading COM1's LSR only reports the UART's state; no memory is involved.
+    if unsafe { inb(COM1 + REG_LSR) } & LSR_DATA_READY == 0 {
+        return None;
+    }
+    // SAFETY: reading COM1's receive buffer pops one byte from its FIFO.
+    Some(unsafe { inb(COM1 + REG_DATA) })
 }
 
 /// A `core::fmt::Write` sink for COM1.

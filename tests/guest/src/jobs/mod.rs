@@ -2,6 +2,7 @@
 //! command line. A job prints its findings and returns; `main` then writes the
 //! `exit=` code to the debug-exit port.
 
+mod echo;
 mod hello;
 
 use crate::bootinfo::{CmdLine, StartInfo};
@@ -18,7 +19,7 @@ pub struct JobFailed;
 
 type Job = fn(&Boot) -> Result<(), JobFailed>;
 
-const JOBS: &[(&str, Job)] = &[("hello", hello::run)];
+const JOBS: &[(&str, Job)] = &[("hello", hello::run), ("echo", echo::run)];
 
 /// The job called `name`, if there is one.
 pub fn find(name: &str) -> Option<Job> {
