@@ -5,22 +5,13 @@
 //! resets or powers off; 1 on a VM fault or host error; 2 on bad arguments
 //! or input files; 128+N when stopped by signal N.
 
-mod boot;
-mod config;
-mod cpuid;
-mod devices;
-mod event_loop;
-mod kvm;
-mod memory;
-mod vcpu;
-mod vm;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use vm::{SerialMode, VmConfig};
+use ringvm::vm::{self, SerialMode, VmConfig};
+use ringvm::{config, devices};
 
 /// Exit status for bad arguments or input files.
 const EXIT_BAD_INPUT: u8 = 2;

@@ -47,10 +47,6 @@ pub struct RamRange {
 
 /// Guest RAM backed by a sealed memfd.
 pub struct GuestRam {
-    #[allow(
-        dead_code,
-        reason = "read through memfd(), which the vhost-user frontend will use"
-    )]
     memfd: File,
     memory: GuestMemoryMmap,
     ranges: Vec<RamRange>,
@@ -102,10 +98,6 @@ impl GuestRam {
     }
 
     /// The memfd behind all ranges (for the vhost-user memory table).
-    #[allow(
-        dead_code,
-        reason = "the vhost-user frontend sends it; until then only tests read it"
-    )]
     pub fn memfd(&self) -> &File {
         &self.memfd
     }

@@ -2,7 +2,7 @@
 //! part, fill `boot_params` (setup header, e820, command line, initramfs,
 //! RSDP) and build the identity page tables for the 64-bit entry.
 
-use std::fs::File;
+use std::io::SeekFrom;
 use std::path::Path;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -12,7 +12,7 @@ use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START};
-use super::{BootError, EntryPoint, LoadedInitramfs, LoadedKernel, MemoryMapEntry};
+use super::{BootError, EntryPoint, KernelImage, LoadedInitramfs, LoadedKernel, MemoryMapEntry};
 use crate::memory::GuestRam;
 
 /// Boot protocol 2.12 added xloadflags, which tells whether there is a 64-bit entry.
@@ -38,12 +38,18 @@ const PTE_HUGE: u64 = 0x80;
 pub fn load_bzimage(
     ram: &GuestRam,
     path: &Path,
-    file: &mut File,
+    file: &mut impl KernelImage,
 ) -> Result<LoadedKernel, BootError> {
     let bad = |reason: String| BootError::BadBzImage {
         path: path.to_owned(),
         reason,
     };
+    let image_len = file
+        .seek(SeekFrom::End(0))
+        .map_err(|source| BootError::ReadKernel {
+            path: path.to_owned(),
+            source,
+        })?;
     let r =
         BzImage::load(ram.memory(), None, file, Some(super::layout::HIMEM_START)).map_err(|e| {
             match e {
@@ -51,8 +57,7 @@ pub fn load_bzimage(
                     linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel,
                 ) => BootError::MemoryTooSmall {
                     path: path.to_owned(),
-                    needed_bytes: file.metadata().map(|m| m.len()).unwrap_or(0)
-                        + super::layout::HIMEM_START.0,
+                    needed_bytes: image_len + super::layout::HIMEM_START.0,
                     available_bytes: ram.low_ram_end().0,
                 },
                 e => BootError::LoadKernel {

@@ -9,7 +9,9 @@ pub mod pvh;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+
 use std::path::{Path, PathBuf};
+use vm_memory::ReadVolatile;
 
 use linux_loader::loader::{Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress};
@@ -127,13 +129,18 @@ pub struct MemoryMapEntry {
     pub kind: u32,
 }
 
-fn detect(path: &Path, file: &mut File) -> Result<KernelKind, BootError> {
+/// A kernel image being loaded: a file, or bytes in memory (fuzzing, tests).
+pub trait KernelImage: Read + ReadVolatile + Seek {}
+impl<T: Read + ReadVolatile + Seek> KernelImage for T {}
+
+fn detect(path: &Path, file: &mut impl KernelImage) -> Result<KernelKind, BootError> {
     let read_err = |source| BootError::ReadKernel {
         path: path.to_owned(),
         source,
     };
     let mut magic = [0u8; 4];
-    let len = file.metadata().map_err(read_err)?.len();
+    let len = file.seek(SeekFrom::End(0)).map_err(read_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     if len >= 4 {
         file.read_exact(&mut magic).map_err(read_err)?;
         if &magic == ELF_MAGIC {
@@ -153,7 +160,7 @@ fn detect(path: &Path, file: &mut File) -> Result<KernelKind, BootError> {
 
 /// Highest guest-physical address (exclusive) an ELF's loadable segments
 /// reach, read from its program headers before anything is written.
-fn elf_load_end(path: &Path, file: &mut File) -> Result<u64, BootError> {
+fn elf_load_end(path: &Path, file: &mut impl KernelImage) -> Result<u64, BootError> {
     const PT_LOAD: u32 = 1;
     let bad = |reason: &str| BootError::BadElf {
         path: path.to_owned(),
@@ -215,6 +222,15 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, BootErro
         path: path.to_owned(),
         source,
     })?;
+    load_kernel_image(ram, path, &mut file)
+}
+
+/// Loads a kernel image into guest RAM; `path` only names it in errors.
+pub fn load_kernel_image(
+    ram: &GuestRam,
+    path: &Path,
+    file: &mut impl KernelImage,
+) -> Result<LoadedKernel, BootError> {
     let low_end = ram.low_ram_end().0;
     let too_small = |needed_bytes| BootError::MemoryTooSmall {
         path: path.to_owned(),
@@ -225,9 +241,9 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, BootErro
         path: path.to_owned(),
         source,
     };
-    match detect(path, &mut file)? {
+    match detect(path, file)? {
         KernelKind::Elf => {
-            let end = elf_load_end(path, &mut file)?;
+            let end = elf_load_end(path, file)?;
             if end > low_end {
                 return Err(too_small(end));
             }
@@ -236,8 +252,8 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, BootErro
                     path: path.to_owned(),
                     source,
                 })?;
-            let r = Elf::load(ram.memory(), None, &mut file, Some(HIMEM_START)).map_err(
-                |e| match e {
+            let r =
+                Elf::load(ram.memory(), None, file, Some(HIMEM_START)).map_err(|e| match e {
                     linux_loader::loader::Error::Elf(
                         linux_loader::loader::elf::Error::InvalidPvhNote,
                     ) => BootError::BadElf {
@@ -245,8 +261,7 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, BootErro
                         reason: "invalid PVH note".into(),
                     },
                     e => load_err(e),
-                },
-            )?;
+                })?;
             let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap else {
                 return Err(BootError::ElfWithoutPvh(path.to_owned()));
             };
@@ -262,7 +277,7 @@ pub fn load_kernel(ram: &GuestRam, path: &Path) -> Result<LoadedKernel, BootErro
                 setup_header: None,
             })
         }
-        KernelKind::BzImage => linux::load_bzimage(ram, path, &mut file),
+        KernelKind::BzImage => linux::load_bzimage(ram, path, file),
     }
     .and_then(|k| {
         if k.kernel_end.0 > low_end {

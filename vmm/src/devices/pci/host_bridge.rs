@@ -39,3 +39,9 @@ impl PciDevice for HostBridge {
         self.config.write(reg, offset, data);
     }
 }
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}

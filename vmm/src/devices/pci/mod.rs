@@ -114,10 +114,6 @@ impl PciBus {
     }
 
     /// Puts `device` in the first free slot and returns the slot number.
-    #[allow(
-        dead_code,
-        reason = "virtio-pci devices are attached here by the vhost-user frontend"
-    )]
     pub fn add(&mut self, device: SharedPciDevice) -> Result<usize, PciError> {
         let slot = self
             .slots
