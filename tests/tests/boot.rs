@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ringvm::boot::testimage;
 use ringvm_tests::guest::GUEST_ELF_PATH;
 use ringvm_tests::harness::{binary, qemu_path, run_bounded, ExitOutcome, RunOutput};
 
@@ -157,50 +158,6 @@ fn file_that_is_not_a_kernel_is_refused() {
     );
 }
 
-/// A minimal ELF64 with one PT_LOAD at `load_paddr` and, when `pvh_entry`
-/// is given, a PT_NOTE holding the Xen PVH entry note.
-fn synthetic_elf(load_paddr: u64, pvh_entry: Option<u32>) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
-    let note_off = EHDR + PHDR * usize::from(phnum);
-    let code_off = note_off + 24;
-    let mut b = vec![0u8; code_off + 16];
-    b[0..4].copy_from_slice(b"\x7fELF");
-    b[4] = 2; // ELFCLASS64
-    b[5] = 1; // little-endian
-    b[6] = 1; // EV_CURRENT
-    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    b[20..24].copy_from_slice(&1u32.to_le_bytes());
-    b[24..32].copy_from_slice(&load_paddr.to_le_bytes()); // e_entry
-    b[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
-    b[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
-    b[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
-    b[56..58].copy_from_slice(&phnum.to_le_bytes());
-    let mut phdr = |i: usize, p_type: u32, off: u64, paddr: u64, size: u64, align: u64| {
-        let p = EHDR + PHDR * i;
-        b[p..p + 4].copy_from_slice(&p_type.to_le_bytes());
-        b[p + 8..p + 16].copy_from_slice(&off.to_le_bytes());
-        b[p + 16..p + 24].copy_from_slice(&paddr.to_le_bytes());
-        b[p + 24..p + 32].copy_from_slice(&paddr.to_le_bytes());
-        b[p + 32..p + 40].copy_from_slice(&size.to_le_bytes());
-        b[p + 40..p + 48].copy_from_slice(&size.to_le_bytes());
-        b[p + 48..p + 56].copy_from_slice(&align.to_le_bytes());
-    };
-    phdr(0, 1, code_off as u64, load_paddr, 16, 16);
-    if let Some(entry) = pvh_entry {
-        phdr(1, 4, note_off as u64, 0, 24, 4);
-        let n = note_off;
-        b[n..n + 4].copy_from_slice(&4u32.to_le_bytes()); // namesz "Xen\0"
-        b[n + 4..n + 8].copy_from_slice(&8u32.to_le_bytes()); // descsz
-        b[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
-        b[n + 12..n + 16].copy_from_slice(b"Xen\0");
-        b[n + 16..n + 20].copy_from_slice(&entry.to_le_bytes());
-    }
-    b
-}
-
 fn write_temp(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
@@ -213,16 +170,25 @@ fn memory_too_small_for_the_kernel_is_refused() {
     let elf = write_temp(
         dir.path(),
         "high.elf",
-        &synthetic_elf(0x400_0000, Some(0x400_0000)),
+        &testimage::elf(0x400_0000, Some(0x400_0000)),
     );
     let out = ringvm(&["--kernel", elf.to_str().unwrap(), "--memory", "32M"]);
     assert_bad_input(&out, &["high.elf", "raise --memory"]);
 }
 
 #[test]
+fn bzimage_larger_than_memory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // The kernel asks for 64 MiB to decompress itself (init_size).
+    let image = write_temp(dir.path(), "big.bzImage", &testimage::bzimage(0x1000, 64 << 20));
+    let out = ringvm(&["--kernel", image.to_str().unwrap(), "--memory", "32M"]);
+    assert_bad_input(&out, &["big.bzImage", "raise --memory"]);
+}
+
+#[test]
 fn elf_without_pvh_note_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let elf = write_temp(dir.path(), "plain.elf", &synthetic_elf(0x10_0000, None));
+    let elf = write_temp(dir.path(), "plain.elf", &testimage::elf(0x10_0000, None));
     let out = ringvm(&["--kernel", elf.to_str().unwrap()]);
     assert_bad_input(&out, &["plain.elf", "without a PVH entry note"]);
 }
@@ -230,7 +196,7 @@ fn elf_without_pvh_note_is_refused() {
 #[test]
 fn truncated_elf_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut bytes = synthetic_elf(0x10_0000, Some(0x10_0000));
+    let mut bytes = testimage::elf(0x10_0000, Some(0x10_0000));
     bytes.truncate(100);
     let elf = write_temp(dir.path(), "cut.elf", &bytes);
     let out = ringvm(&["--kernel", elf.to_str().unwrap()]);

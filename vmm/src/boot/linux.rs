@@ -83,6 +83,12 @@ pub fn load_bzimage(
         return Err(bad("no 64-bit entry point (XLF_KERNEL_64 is clear)".into()));
     }
     let entry = r.kernel_load.0 + STARTUP_64_OFFSET;
+    if r.kernel_end <= entry {
+        return Err(bad(format!(
+            "the protected-mode kernel is {} bytes, too short to hold the 64-bit entry at +{STARTUP_64_OFFSET:#x}",
+            r.kernel_end - r.kernel_load.0
+        )));
+    }
     // The kernel decompresses in place and needs init_size bytes from its load address.
     let kernel_end = r.kernel_end.max(r.kernel_load.0 + u64::from(hdr.init_size));
     Ok(LoadedKernel {

@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod layout;
 pub mod linux;
 pub mod pvh;
+pub mod testimage;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -158,9 +159,9 @@ fn detect(path: &Path, file: &mut impl KernelImage) -> Result<KernelKind, BootEr
     Err(BootError::UnknownKernelFormat(path.to_owned()))
 }
 
-/// Highest guest-physical address (exclusive) an ELF's loadable segments
-/// reach, read from its program headers before anything is written.
-fn elf_load_end(path: &Path, file: &mut impl KernelImage) -> Result<u64, BootError> {
+/// The guest-physical ranges (start, end exclusive) of an ELF's loadable
+/// segments, read from its program headers before anything is written.
+fn elf_segments(path: &Path, file: &mut impl KernelImage) -> Result<Vec<(u64, u64)>, BootError> {
     const PT_LOAD: u32 = 1;
     let bad = |reason: &str| BootError::BadElf {
         path: path.to_owned(),
@@ -186,7 +187,7 @@ fn elf_load_end(path: &Path, file: &mut impl KernelImage) -> Result<u64, BootErr
     if phentsize != 56 {
         return Err(bad("program header size is not 56"));
     }
-    let mut end = 0u64;
+    let mut segments = Vec::new();
     for i in 0..u64::from(phnum) {
         let mut ph = [0u8; 56];
         let at = phoff
@@ -208,12 +209,12 @@ fn elf_load_end(path: &Path, file: &mut impl KernelImage) -> Result<u64, BootErr
                 "segment at {paddr:#x} lies below 1 MiB, where ringvm keeps boot data"
             )));
         }
-        end = end.max(seg_end);
+        segments.push((paddr, seg_end));
     }
-    if end == 0 {
+    if segments.is_empty() {
         return Err(bad("no loadable segment"));
     }
-    Ok(end)
+    Ok(segments)
 }
 
 /// Loads the kernel at `path` into guest RAM.
@@ -243,7 +244,12 @@ pub fn load_kernel_image(
     };
     match detect(path, file)? {
         KernelKind::Elf => {
-            let end = elf_load_end(path, file)?;
+            let segments = elf_segments(path, file)?;
+            let end = segments
+                .iter()
+                .map(|s| s.1)
+                .max()
+                .expect("at least one segment");
             if end > low_end {
                 return Err(too_small(end));
             }
@@ -269,6 +275,18 @@ pub fn load_kernel_image(
                 return Err(BootError::BadElf {
                     path: path.to_owned(),
                     reason: format!("PVH entry {:#x} is not a 32-bit address", entry.0),
+                });
+            }
+            if !segments
+                .iter()
+                .any(|&(start, end)| (start..end).contains(&entry.0))
+            {
+                return Err(BootError::BadElf {
+                    path: path.to_owned(),
+                    reason: format!(
+                        "PVH entry {:#x} lies outside every loadable segment",
+                        entry.0
+                    ),
                 });
             }
             Ok(LoadedKernel {
@@ -423,6 +441,79 @@ mod tests {
         f.write_all(b"\x7fELF\x02\x01\x01").unwrap();
         let err = load_kernel(&ram, f.path()).err().unwrap();
         assert!(matches!(err, BootError::BadElf { .. }), "{err}");
+    }
+
+    fn load_bytes(ram: &GuestRam, bytes: &[u8]) -> Result<LoadedKernel, BootError> {
+        load_kernel_image(
+            ram,
+            Path::new("test-image"),
+            &mut std::io::Cursor::new(bytes),
+        )
+    }
+
+    #[test]
+    fn pvh_elf_loads_with_its_entry() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let k = load_bytes(&ram, &testimage::elf(0x10_0000, Some(0x10_0008))).unwrap();
+        assert_eq!(
+            k.entry,
+            EntryPoint::Pvh {
+                entry: GuestAddress(0x10_0008)
+            }
+        );
+        assert_eq!(k.kernel_end, GuestAddress(0x10_0010));
+    }
+
+    /// Regression (fuzz target boot_image): a PVH entry outside the loaded
+    /// segments would start the guest in zeroed memory.
+    #[test]
+    fn pvh_entry_outside_the_segments_is_refused() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let err = load_bytes(&ram, &testimage::elf(0x10_0000, Some(0x20_0000)))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("outside every loadable segment"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bzimage_loads_with_the_64bit_entry() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let k = load_bytes(&ram, &testimage::bzimage(0x1000, 0x8000)).unwrap();
+        assert_eq!(
+            k.entry,
+            EntryPoint::Linux64 {
+                entry: GuestAddress(0x10_0200)
+            }
+        );
+        assert_eq!(
+            k.kernel_end,
+            GuestAddress(0x10_8000),
+            "init_size is reserved"
+        );
+    }
+
+    /// Regression (fuzz target boot_image): a bzImage whose protected-mode
+    /// part ends before +0x200 has no 64-bit entry to jump to.
+    #[test]
+    fn bzimage_too_short_for_its_entry_is_refused() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let err = load_bytes(&ram, &testimage::bzimage(0x100, 0))
+            .err()
+            .unwrap();
+        assert!(matches!(err, BootError::BadBzImage { .. }), "{err}");
+        assert!(err.to_string().contains("too short"), "{err}");
+    }
+
+    #[test]
+    fn bzimage_needing_more_than_ram_is_refused() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let err = load_bytes(&ram, &testimage::bzimage(0x1000, 8 << 20))
+            .err()
+            .unwrap();
+        assert!(matches!(err, BootError::MemoryTooSmall { .. }), "{err}");
     }
 
     #[test]
