@@ -25,7 +25,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(kernel) = load_kernel_image(ram, Path::new("fuzz-input"), &mut Cursor::new(data)) else {
         return;
     };
-    assert!(kernel.kernel_end.0 <= ram.low_ram_end().0, "accepted kernel ends past RAM");
+    assert!(
+        kernel.kernel_end.0 <= ram.low_ram_end().0,
+        "accepted kernel ends past RAM"
+    );
     match kernel.entry {
         EntryPoint::Pvh { entry } => {
             assert!(entry.0 < u64::from(u32::MAX) && entry.0 < kernel.kernel_end.0)
