@@ -1,14 +1,25 @@
 //! The VM-level KVM calls (with vcpu.rs, the only user of kvm-ioctls).
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::pci::msix::MsiMessage;
 use crate::memory::GuestRam;
+
+/// GSIs 0-23 are the IOAPIC pins (0-15 also the PICs); MSI routes start above.
+const IOAPIC_PINS: u32 = 24;
+const PIC_IRQS: u32 = 16;
+/// KVM's limit on routing entries.
+const MAX_GSI: u32 = kvm_bindings::KVM_MAX_IRQ_ROUTES as u32 - 1;
 
 /// Where KVM puts the three pages of the TSS it needs for real-mode
 /// emulation on Intel hosts: just below the BIOS area at the top of 4 GiB,
@@ -27,6 +38,7 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Pit2, "KVM_CAP_PIT2"),
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -71,11 +83,37 @@ pub enum KvmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("KVM_IRQFD deassign for GSI {gsi} failed")]
+    UnregisterIrqfd {
+        gsi: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_IOEVENTFD at {addr:#x} failed")]
+    Ioeventfd {
+        addr: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("all {MAX_GSI} GSIs are in use")]
+    OutOfGsis,
+    #[error("KVM_SET_GSI_ROUTING failed")]
+    SetGsiRouting(#[source] kvm_ioctls::Error),
 }
 
+/// The MSI routes ringvm added on top of the default IOAPIC/PIC ones.
+#[derive(Default)]
+struct GsiRoutes {
+    msi: BTreeMap<u32, MsiMessage>,
+    next_gsi: u32,
+}
+
+/// The VM: shared (Arc) by everything that registers eventfds or routes
+/// interrupts; all its methods take &self.
 pub struct KvmVm {
     kvm: Kvm,
     vm: VmFd,
+    routes: Mutex<GsiRoutes>,
 }
 
 impl KvmVm {
@@ -99,7 +137,14 @@ impl KvmVm {
             });
         }
         let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
-        Ok(Self { kvm, vm })
+        Ok(Self {
+            kvm,
+            vm,
+            routes: Mutex::new(GsiRoutes {
+                msi: BTreeMap::new(),
+                next_gsi: IOAPIC_PINS,
+            }),
+        })
     }
 
     /// The x86 platform pieces that live in KVM: TSS and identity-map pages,
@@ -155,10 +200,123 @@ impl KvmVm {
             .map_err(|source| KvmError::CreateVcpu { id, source })
     }
 
-    /// Injects an interrupt on `gsi` whenever `fd` is signalled.
+    /// Injects an interrupt on `gsi` whenever `fd` is signalled. If `fd`
+    /// is already signalled, KVM injects at once.
     pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), KvmError> {
         self.vm
             .register_irqfd(fd, gsi)
             .map_err(|source| KvmError::RegisterIrqfd { gsi, source })
+    }
+
+    /// Stops `fd` from injecting; its signals accumulate in the eventfd.
+    pub fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), KvmError> {
+        self.vm
+            .unregister_irqfd(fd, gsi)
+            .map_err(|source| KvmError::UnregisterIrqfd { gsi, source })
+    }
+
+    /// Signals `fd` on any guest write to the MMIO address `addr` (of any
+    /// length), without an exit to ringvm.
+    pub fn register_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), KvmError> {
+        self.vm
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|source| KvmError::Ioeventfd { addr, source })
+    }
+
+    pub fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), KvmError> {
+        self.vm
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|source| KvmError::Ioeventfd { addr, source })
+    }
+
+    /// A GSI for an MSI route of its own.
+    pub fn allocate_gsi(&self) -> Result<u32, KvmError> {
+        let mut r = self.routes.lock().expect("GSI routes lock poisoned");
+        if r.next_gsi > MAX_GSI {
+            return Err(KvmError::OutOfGsis);
+        }
+        r.next_gsi += 1;
+        Ok(r.next_gsi - 1)
+    }
+
+    /// Routes `gsi` to the MSI `msg`.
+    pub fn set_msi_route(&self, gsi: u32, msg: MsiMessage) -> Result<(), KvmError> {
+        let mut r = self.routes.lock().expect("GSI routes lock poisoned");
+        if r.msi.get(&gsi) == Some(&msg) {
+            return Ok(());
+        }
+        r.msi.insert(gsi, msg);
+        let table = routing_table(&r.msi);
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(KvmError::SetGsiRouting)
+    }
+}
+
+/// KVM_SET_GSI_ROUTING replaces the whole table, so it carries KVM's default
+/// irqchip routes (GSI n to IOAPIC pin n, and GSIs 0-15 to the PICs) plus
+/// the MSI routes.
+fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> KvmIrqRouting {
+    let irqchip = |gsi: u32, chip: u32, pin: u32| {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip.irqchip = chip;
+        e.u.irqchip.pin = pin;
+        e
+    };
+    let mut entries = Vec::with_capacity((IOAPIC_PINS + PIC_IRQS) as usize + msi.len());
+    for gsi in 0..IOAPIC_PINS {
+        entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        if gsi < PIC_IRQS {
+            let chip = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            entries.push(irqchip(gsi, chip, gsi % 8));
+        }
+    }
+    for (&gsi, m) in msi {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        e.u.msi.address_lo = m.address_lo;
+        e.u.msi.address_hi = m.address_hi;
+        e.u.msi.data = m.data;
+        entries.push(e);
+    }
+    KvmIrqRouting::from_entries(&entries)
+        .expect("fewer entries than KVM_MAX_IRQ_ROUTES: GSIs are capped at MAX_GSI")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_table_keeps_irqchip_routes_and_adds_msi() {
+        let mut msi = BTreeMap::new();
+        msi.insert(
+            24,
+            MsiMessage {
+                address_lo: 0xfee0_0000,
+                address_hi: 0,
+                data: 0x41,
+            },
+        );
+        let t = routing_table(&msi);
+        let e = t.as_slice();
+        assert_eq!(e.len(), 24 + 16 + 1);
+        let last = e.last().unwrap();
+        assert_eq!((last.gsi, last.type_), (24, KVM_IRQ_ROUTING_MSI));
+        // SAFETY: the entry was built as an MSI entry just above.
+        assert_eq!(unsafe { last.u.msi.data }, 0x41);
+        let gsi4: Vec<_> = e.iter().filter(|x| x.gsi == 4).collect();
+        assert_eq!(gsi4.len(), 2, "IOAPIC and PIC routes for an ISA IRQ");
     }
 }

@@ -5,6 +5,7 @@
 //! ones (no device) and writes to them are dropped, as on real hardware.
 
 pub mod host_bridge;
+pub mod msix;
 
 use std::sync::{Arc, Mutex};
 
@@ -22,12 +23,26 @@ const CONFIG_ADDRESS_MASK: u32 = 0x80ff_fffc;
 /// A function on the bus, shared by the bus and whoever owns the device.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
-/// A function's configuration space as the bus sees it.
+/// A function's configuration space and memory BARs as the bus sees them.
 pub trait PciDevice: Send {
     /// Reads dword `reg` (0..CONFIG_DWORDS).
     fn read_config(&mut self, reg: usize) -> u32;
     /// Writes `data` (1, 2 or 4 bytes) at byte `offset` within dword `reg`.
     fn write_config(&mut self, reg: usize, offset: usize, data: &[u8]);
+    /// The memory BARs the function decodes now: (BAR index, base, size).
+    /// Empty while memory space is disabled in the command register.
+    fn mmio_bars(&self) -> Vec<(usize, u64, u64)> {
+        Vec::new()
+    }
+    /// A read of `data.len()` bytes at `offset` into BAR `bar`.
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        let _ = (bar, offset);
+        data.fill(0xff);
+    }
+    /// A write at `offset` into BAR `bar`.
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let _ = (bar, offset, data);
+    }
 }
 
 /// A configuration space with a write mask: bits set in `writable` take
@@ -35,6 +50,19 @@ pub trait PciDevice: Send {
 pub struct ConfigSpace {
     regs: [u32; CONFIG_DWORDS],
     writable: [u32; CONFIG_DWORDS],
+    /// Size of each 64-bit memory BAR (indexed by its first BAR number).
+    bar_sizes: [u64; 6],
+    /// Byte offset of the last capability added, to link the next one.
+    last_capability: Option<usize>,
+    next_capability: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigSpaceError {
+    #[error("capability of {0} bytes does not fit in the configuration space")]
+    CapabilityTooLarge(usize),
+    #[error("BAR {index} of {size} bytes is not a power of two of at least 4 KiB, or not a free BAR pair")]
+    BadBar { index: usize, size: u64 },
 }
 
 /// Header fields of a type-0 function.
@@ -52,8 +80,18 @@ pub struct ConfigHeader {
 const REG_ID: usize = 0;
 const REG_COMMAND_STATUS: usize = 1;
 const REG_CLASS_REVISION: usize = 2;
+const REG_BAR0: usize = 4;
 const REG_SUBSYSTEM: usize = 11;
+const REG_CAPABILITIES: usize = 13;
 const REG_INTERRUPT: usize = 15;
+/// Command register: memory space decoding enabled.
+pub const COMMAND_MEMORY: u32 = 1 << 1;
+/// Status register (upper half of dword 1): capabilities list present.
+const STATUS_CAPABILITIES: u32 = 1 << (16 + 4);
+/// BAR type bits: 64-bit memory BAR, not prefetchable.
+const BAR_MEM64: u32 = 0x4;
+/// Where the capability list starts (right after the type-0 header).
+const FIRST_CAPABILITY: usize = 0x40;
 /// Command register bits a simple function lets the guest set: I/O, memory,
 /// bus master, INTx disable.
 const COMMAND_WRITABLE: u32 = 0x0407;
@@ -71,7 +109,105 @@ impl ConfigSpace {
         writable[REG_COMMAND_STATUS] = COMMAND_WRITABLE;
         // Interrupt line is scratch space for the guest's drivers.
         writable[REG_INTERRUPT] = 0xff;
-        Self { regs, writable }
+        Self {
+            regs,
+            writable,
+            bar_sizes: [0; 6],
+            last_capability: None,
+            next_capability: FIRST_CAPABILITY,
+        }
+    }
+
+    /// Declares a 64-bit memory BAR at `index` (and `index + 1`) of `size`
+    /// bytes, placed at `base`. The guest can move it (and size it by
+    /// writing all ones) like any BAR.
+    pub fn add_mem_bar64(
+        &mut self,
+        index: usize,
+        base: u64,
+        size: u64,
+    ) -> Result<(), ConfigSpaceError> {
+        let bad = ConfigSpaceError::BadBar { index, size };
+        if index + 1 >= 6 || !size.is_power_of_two() || size < 4096 || self.bar_sizes[index] != 0 {
+            return Err(bad);
+        }
+        if base % size != 0 {
+            return Err(bad);
+        }
+        let lo = REG_BAR0 + index;
+        self.regs[lo] = (base as u32 & !0xf) | BAR_MEM64;
+        self.regs[lo + 1] = (base >> 32) as u32;
+        self.writable[lo] = !(size as u32 - 1) & !0xf;
+        self.writable[lo + 1] = !((size - 1) >> 32) as u32;
+        self.bar_sizes[index] = size;
+        Ok(())
+    }
+
+    /// The current base address of the 64-bit memory BAR at `index`.
+    pub fn bar_base(&self, index: usize) -> u64 {
+        let lo = REG_BAR0 + index;
+        u64::from(self.regs[lo] & !0xf) | (u64::from(self.regs[lo + 1]) << 32)
+    }
+
+    /// The memory BARs that decode now (memory space enabled): (index, base, size).
+    pub fn decoded_bars(&self) -> Vec<(usize, u64, u64)> {
+        if self.regs[REG_COMMAND_STATUS] & COMMAND_MEMORY == 0 {
+            return Vec::new();
+        }
+        (0..6)
+            .filter(|&i| self.bar_sizes[i] != 0)
+            .map(|i| (i, self.bar_base(i), self.bar_sizes[i]))
+            .collect()
+    }
+
+    /// Appends a capability (`id`, then `body` after the two link bytes) to
+    /// the list; returns its byte offset in configuration space.
+    pub fn add_capability(&mut self, id: u8, body: &[u8]) -> Result<usize, ConfigSpaceError> {
+        let len = (2 + body.len()).next_multiple_of(4);
+        let at = self.next_capability;
+        if at + len > CONFIG_DWORDS * 4 {
+            return Err(ConfigSpaceError::CapabilityTooLarge(body.len()));
+        }
+        let mut bytes = vec![0u8; len];
+        bytes[0] = id;
+        bytes[2..2 + body.len()].copy_from_slice(body);
+        self.set_bytes(at, &bytes);
+        match self.last_capability {
+            None => {
+                self.regs[REG_CAPABILITIES] = at as u32;
+                self.regs[REG_COMMAND_STATUS] |= STATUS_CAPABILITIES;
+            }
+            Some(prev) => self.set_bytes(prev + 1, &[at as u8]),
+        }
+        self.last_capability = Some(at);
+        self.next_capability = at + len;
+        Ok(at)
+    }
+
+    /// Lets the guest write the bits of `mask` in the bytes at `byte_offset`.
+    pub fn set_writable(&mut self, byte_offset: usize, mask: &[u8]) {
+        for (i, m) in mask.iter().enumerate() {
+            let b = byte_offset + i;
+            let shift = (b % 4) * 8;
+            self.writable[b / 4] |= u32::from(*m) << shift;
+        }
+    }
+
+    /// Reads `data.len()` bytes at `byte_offset` (device-side view).
+    pub fn bytes(&self, byte_offset: usize, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            let b = byte_offset + i;
+            *d = (self.regs[b / 4] >> ((b % 4) * 8)) as u8;
+        }
+    }
+
+    /// Writes bytes at `byte_offset`, ignoring the write mask (device-side).
+    pub fn set_bytes(&mut self, byte_offset: usize, data: &[u8]) {
+        for (i, d) in data.iter().enumerate() {
+            let b = byte_offset + i;
+            let shift = (b % 4) * 8;
+            self.regs[b / 4] = (self.regs[b / 4] & !(0xff << shift)) | (u32::from(*d) << shift);
+        }
     }
 
     pub fn read(&self, reg: usize) -> u32 {
@@ -122,6 +258,42 @@ impl PciBus {
             .ok_or(PciError::BusFull)?;
         self.slots[slot] = Some(device);
         Ok(slot)
+    }
+
+    /// The device whose memory BAR decodes `addr`: (device, BAR, offset).
+    fn bar_target(&self, addr: u64) -> Option<(SharedPciDevice, usize, u64)> {
+        self.slots.iter().flatten().find_map(|dev| {
+            let bars = dev.lock().expect("PCI device lock poisoned").mmio_bars();
+            bars.into_iter()
+                .find(|&(_, base, size)| addr >= base && addr - base < size)
+                .map(|(bar, base, _)| (dev.clone(), bar, addr - base))
+        })
+    }
+
+    /// Dispatches an MMIO read; false when no BAR decodes `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.bar_target(addr) {
+            Some((dev, bar, offset)) => {
+                dev.lock()
+                    .expect("PCI device lock poisoned")
+                    .read_bar(bar, offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Dispatches an MMIO write; false when no BAR decodes `addr`.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.bar_target(addr) {
+            Some((dev, bar, offset)) => {
+                dev.lock()
+                    .expect("PCI device lock poisoned")
+                    .write_bar(bar, offset, data);
+                true
+            }
+            None => false,
+        }
     }
 
     fn device(&self, bus: u8, slot: usize, function: u8) -> Option<&SharedPciDevice> {
@@ -281,6 +453,73 @@ mod tests {
         assert_eq!(c.read(REG_INTERRUPT) & 0xff, 11);
         c.write(REG_INTERRUPT, 3, &[1, 2]); // runs past the dword: dropped
         assert_eq!(c.read(99), 0xffff_ffff);
+    }
+
+    fn header() -> ConfigHeader {
+        ConfigHeader {
+            vendor_id: 0x1af4,
+            device_id: 0x1042,
+            class_code: 1,
+            subclass: 0,
+            prog_if: 0,
+            revision: 1,
+            subsystem_vendor_id: 0x1af4,
+            subsystem_id: 2,
+        }
+    }
+
+    #[test]
+    fn mem_bar64_sizes_and_moves() {
+        let mut c = ConfigSpace::new(&header());
+        c.add_mem_bar64(0, 0xc000_0000, 0x8000).unwrap();
+        assert_eq!(c.read(REG_BAR0), 0xc000_0000 | BAR_MEM64);
+        assert!(
+            c.decoded_bars().is_empty(),
+            "memory decoding is off until the guest enables it"
+        );
+        // Sizing: all ones, read back the size mask with the type bits.
+        c.write(REG_BAR0, 0, &[0xff; 4]);
+        c.write(REG_BAR0 + 1, 0, &[0xff; 4]);
+        assert_eq!(c.read(REG_BAR0), 0xffff_8000 | BAR_MEM64);
+        assert_eq!(c.read(REG_BAR0 + 1), 0xffff_ffff);
+        // Move it.
+        c.write(REG_BAR0, 0, &0xd000_0000u32.to_le_bytes());
+        c.write(REG_BAR0 + 1, 0, &[0; 4]);
+        c.write(REG_COMMAND_STATUS, 0, &[COMMAND_MEMORY as u8]);
+        assert_eq!(c.decoded_bars(), vec![(0, 0xd000_0000, 0x8000)]);
+        assert!(c.add_mem_bar64(0, 0, 0x8000).is_err(), "BAR taken");
+        assert!(
+            c.add_mem_bar64(2, 0x1000, 0x3000).is_err(),
+            "not a power of two"
+        );
+        assert!(
+            c.add_mem_bar64(5, 0, 0x1000).is_err(),
+            "no room for the upper half"
+        );
+    }
+
+    #[test]
+    fn capabilities_are_linked() {
+        let mut c = ConfigSpace::new(&header());
+        let a = c.add_capability(0x09, &[14, 1, 2, 3]).unwrap();
+        let b = c.add_capability(0x11, &[0; 10]).unwrap();
+        assert_eq!(a, FIRST_CAPABILITY);
+        assert_eq!(c.read(REG_CAPABILITIES) & 0xff, a as u32);
+        assert_ne!(c.read(REG_COMMAND_STATUS) & STATUS_CAPABILITIES, 0);
+        let mut link = [0u8; 2];
+        c.bytes(a, &mut link);
+        assert_eq!(link, [0x09, b as u8]);
+        c.bytes(b, &mut link);
+        assert_eq!(link, [0x11, 0]);
+        // Capability bytes are read-only unless made writable.
+        c.write(b / 4, 2, &[0xff]);
+        c.bytes(b + 2, &mut link[..1]);
+        assert_eq!(link[0], 0);
+        c.set_writable(b + 2, &[0xc0]);
+        c.write(b / 4, 2, &[0xff]);
+        c.bytes(b + 2, &mut link[..1]);
+        assert_eq!(link[0], 0xc0);
+        assert!(c.add_capability(0x09, &[0; 200]).is_err());
     }
 
     #[test]
