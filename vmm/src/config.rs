@@ -2,7 +2,51 @@
 
 use std::path::PathBuf;
 
+use crate::devices::virtio::vhost_user::blk::{DiskConfig, DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE};
+use crate::devices::virtio::vhost_user::MAX_QUEUES;
 use crate::vm::SerialMode;
+
+/// Parses `socket=PATH[,num_queues=N][,queue_size=N]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    const FORM: &str = "use socket=PATH[,num_queues=N][,queue_size=N]";
+    let mut socket = None;
+    let mut num_queues = None;
+    let mut queue_size = DEFAULT_QUEUE_SIZE;
+    for part in s.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("'{part}' is not key=value: {FORM}"))?;
+        match key {
+            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            "num_queues" => {
+                num_queues = Some(
+                    value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| (1..=MAX_QUEUES as u16).contains(n))
+                        .ok_or_else(|| {
+                            format!("num_queues={value}: use a number from 1 to {MAX_QUEUES}")
+                        })?,
+                )
+            }
+            "queue_size" => {
+                queue_size = value
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| n.is_power_of_two() && *n <= MAX_QUEUE_SIZE)
+                    .ok_or_else(|| {
+                        format!("queue_size={value}: use a power of two from 1 to {MAX_QUEUE_SIZE}")
+                    })?
+            }
+            _ => return Err(format!("unknown or empty key '{key}': {FORM}")),
+        }
+    }
+    Ok(DiskConfig {
+        socket: socket.ok_or_else(|| format!("no socket=PATH: {FORM}"))?,
+        num_queues,
+        queue_size,
+    })
+}
 
 /// Parses a size such as `512M`, `2G`, `65536K` or a bare byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -57,6 +101,36 @@ mod tests {
         assert!(parse_size("18446744073709551615G")
             .unwrap_err()
             .contains("too large"));
+    }
+
+    #[test]
+    fn disks() {
+        assert_eq!(
+            parse_disk("socket=/tmp/b.sock"),
+            Ok(DiskConfig {
+                socket: "/tmp/b.sock".into(),
+                num_queues: None,
+                queue_size: DEFAULT_QUEUE_SIZE
+            })
+        );
+        let d = parse_disk("socket=/s,num_queues=4,queue_size=1024").unwrap();
+        assert_eq!((d.num_queues, d.queue_size), (Some(4), 1024));
+        assert!(parse_disk("num_queues=2")
+            .unwrap_err()
+            .contains("no socket"));
+        assert!(parse_disk("socket=/s,num_queues=0")
+            .unwrap_err()
+            .contains("num_queues=0"));
+        assert!(parse_disk("socket=/s,num_queues=65").is_err());
+        assert!(parse_disk("socket=/s,queue_size=100")
+            .unwrap_err()
+            .contains("power of two"));
+        assert!(parse_disk("socket=/s,queue_size=65536").is_err());
+        assert!(parse_disk("socket=/s,color=red")
+            .unwrap_err()
+            .contains("unknown"));
+        assert!(parse_disk("/tmp/b.sock").unwrap_err().contains("key=value"));
+        assert!(parse_disk("socket=").is_err());
     }
 
     #[test]

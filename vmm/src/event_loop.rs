@@ -11,6 +11,7 @@ use mio::{Events, Interest, Poll, Token};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::serial::SerialConsole;
+use crate::devices::virtio::pci::VirtioPciDevice;
 use crate::devices::{ExitReason, ExitSignal};
 
 /// Signals that end the VM cleanly (terminal restored, vCPUs stopped).
@@ -24,18 +25,41 @@ enum EventToken {
     Signal,
     Stdin,
     InputDrained,
+    /// The vhost-user socket of the n-th device backend.
+    Backend(usize),
 }
 
-impl EventToken {
-    const ALL: [EventToken; 4] = [Self::Exit, Self::Signal, Self::Stdin, Self::InputDrained];
+/// Tokens from here on are backends.
+const FIRST_BACKEND_TOKEN: usize = 16;
 
+impl EventToken {
     fn token(self) -> Token {
-        Token(self as usize)
+        Token(match self {
+            Self::Exit => 0,
+            Self::Signal => 1,
+            Self::Stdin => 2,
+            Self::InputDrained => 3,
+            Self::Backend(i) => FIRST_BACKEND_TOKEN + i,
+        })
     }
 
     fn from_token(t: Token) -> Option<Self> {
-        Self::ALL.into_iter().find(|e| e.token() == t)
+        match t.0 {
+            0 => Some(Self::Exit),
+            1 => Some(Self::Signal),
+            2 => Some(Self::Stdin),
+            3 => Some(Self::InputDrained),
+            n if n >= FIRST_BACKEND_TOKEN => Some(Self::Backend(n - FIRST_BACKEND_TOKEN)),
+            _ => None,
+        }
     }
+}
+
+/// A device whose backend socket the loop watches: when the backend hangs
+/// up, the device is told (it then reports NEEDS_RESET to the driver).
+pub struct BackendWatch {
+    pub fd: RawFd,
+    pub device: Arc<Mutex<VirtioPciDevice>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +121,7 @@ pub struct EventLoop {
     exit: Arc<ExitSignal>,
     signals: OwnedFd,
     console: Option<ConsoleInput>,
+    backends: Vec<BackendWatch>,
     /// Input read from stdin that did not fit in the FIFO yet.
     pending: Vec<u8>,
     stdin_open: bool,
@@ -108,6 +133,7 @@ impl EventLoop {
         exit: Arc<ExitSignal>,
         signal_set: &libc::sigset_t,
         console: Option<ConsoleInput>,
+        backends: Vec<BackendWatch>,
     ) -> Result<Self, EventLoopError> {
         let poll = Poll::new().map_err(EventLoopError::Poll)?;
         let signals = signalfd(signal_set)?;
@@ -122,6 +148,9 @@ impl EventLoop {
             "the exit eventfd",
         )?;
         reg(signals.as_raw_fd(), EventToken::Signal, "the signalfd")?;
+        for (i, b) in backends.iter().enumerate() {
+            reg(b.fd, EventToken::Backend(i), "a vhost-user backend socket")?;
+        }
         let mut stdin_open = false;
         if let Some(c) = &console {
             reg(
@@ -145,6 +174,7 @@ impl EventLoop {
             exit,
             signals,
             console,
+            backends,
             pending: Vec::new(),
             stdin_open,
         })
@@ -171,6 +201,11 @@ impl EventLoop {
                     Some(EventToken::Signal) => self.on_signal(),
                     Some(EventToken::Stdin) => self.on_stdin(),
                     Some(EventToken::InputDrained) => self.on_input_drained(),
+                    Some(EventToken::Backend(i)) if ev.is_read_closed() || ev.is_error() => {
+                        self.on_backend_gone(i)
+                    }
+                    // Replies the frontend reads on its own thread.
+                    Some(EventToken::Backend(_)) => {}
                     None => tracing::warn!(token = ev.token().0, "event for an unknown token"),
                 }
             }
@@ -193,6 +228,17 @@ impl EventLoop {
             tracing::info!(signal = info.ssi_signo, "stop signal received");
             self.exit.request(ExitReason::Signal(info.ssi_signo as i32));
         }
+    }
+
+    fn on_backend_gone(&mut self, i: usize) {
+        let Some(b) = self.backends.get(i) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut SourceFd(&b.fd));
+        b.device
+            .lock()
+            .expect("device lock poisoned")
+            .on_backend_gone();
     }
 
     fn on_stdin(&mut self) {
@@ -310,10 +356,18 @@ mod tests {
 
     #[test]
     fn tokens_round_trip() {
-        for t in EventToken::ALL {
+        let all = [
+            EventToken::Exit,
+            EventToken::Signal,
+            EventToken::Stdin,
+            EventToken::InputDrained,
+            EventToken::Backend(0),
+            EventToken::Backend(7),
+        ];
+        for t in all {
             assert_eq!(EventToken::from_token(t.token()), Some(t));
         }
-        assert_eq!(EventToken::from_token(Token(99)), None);
+        assert_eq!(EventToken::from_token(Token(9)), None);
     }
 
     #[test]
@@ -323,7 +377,7 @@ mod tests {
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is valid to initialise.
         unsafe { libc::sigemptyset(&mut set) };
-        let mut el = EventLoop::new(exit.clone(), &set, None).unwrap();
+        let mut el = EventLoop::new(exit.clone(), &set, None, Vec::new()).unwrap();
         let e2 = exit.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(50));

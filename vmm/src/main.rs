@@ -40,6 +40,10 @@ struct Cli {
     /// Guest RAM, with a K, M or G suffix (a bare number is bytes).
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = config::parse_size)]
     memory: u64,
+    /// A virtio-blk disk served by a vhost-user-blk backend listening on
+    /// PATH (repeatable): socket=PATH[,num_queues=N][,queue_size=N].
+    #[arg(long, value_name = "SPEC", value_parser = config::parse_disk)]
+    disk: Vec<ringvm::devices::virtio::vhost_user::blk::DiskConfig>,
     /// Serial console: stdio, file=PATH or off.
     #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = config::parse_serial)]
     serial: SerialMode,
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         num_vcpus: cli.cpus,
         memory_bytes: cli.memory,
         serial: cli.serial,
+        disks: cli.disk,
     };
     match vm::run(&cfg) {
         Ok(reason) => {

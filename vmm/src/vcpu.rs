@@ -21,7 +21,15 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::boot::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER};
 use crate::boot::EntryPoint;
 use crate::cpuid::{vcpu_cpuid, CpuTopology};
+use crate::devices::pci::PciBus;
 use crate::devices::{ExitReason, ExitSignal, PioBus};
+
+/// Where a vCPU sends its port and MMIO exits.
+pub struct Buses {
+    pub pio: PioBus,
+    /// MMIO is PCI BARs only (the LAPIC and IOAPIC are KVM's).
+    pub pci: Arc<PciBus>,
+}
 
 /// Real-time signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -178,18 +186,20 @@ impl Vcpu {
     /// Runs the vCPU on its own thread until `stop` or a VM exit request.
     pub fn spawn(
         self,
-        pio: Arc<PioBus>,
+        buses: Arc<Buses>,
         exit: Arc<ExitSignal>,
         stop: Arc<AtomicBool>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || self.run(&pio, &exit, &stop))
+            .spawn(move || self.run(&buses, &exit, &stop))
             .map_err(|source| VcpuError::Spawn { id, source })
     }
 
-    fn run(mut self, pio: &PioBus, exit: &ExitSignal, stop: &AtomicBool) {
+    fn run(mut self, buses: &Buses, exit: &ExitSignal, stop: &AtomicBool) {
+        let pio = &buses.pio;
+        let pci = &buses.pci;
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let mut unhandled = RateLimit::default();
         while !stop.load(Ordering::Acquire) && !exit.is_requested() {
@@ -205,13 +215,15 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    data.fill(0xff);
-                    if unhandled.allow() {
-                        tracing::debug!(vcpu = self.id, addr, "MMIO read of an unclaimed address");
+                    if !pci.mmio_read(addr, data) {
+                        data.fill(0xff);
+                        if unhandled.allow() {
+                            tracing::debug!(vcpu = self.id, addr, "MMIO read of an unclaimed address");
+                        }
                     }
                 }
-                Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    if unhandled.allow() {
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !pci.mmio_write(addr, data) && unhandled.allow() {
                         tracing::debug!(vcpu = self.id, addr, "MMIO write to an unclaimed address");
                     }
                 }

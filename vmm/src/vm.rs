@@ -12,6 +12,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 use crate::boot::acpi::{create_acpi_tables, AcpiConfig, AcpiError};
 use crate::boot::layout::ports;
+use crate::boot::layout::{IOAPIC_START, MMIO_HOLE_START};
 use crate::boot::{self, BootError, EntryPoint};
 use crate::devices::acpi_pm::{Pm1Control, Pm1Event};
 use crate::devices::debug_exit::DebugExit;
@@ -19,13 +20,17 @@ use crate::devices::i8042::I8042;
 use crate::devices::pci::{PciBus, PciConfigIo};
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{SerialConsole, SerialOut};
+use crate::devices::virtio::pci::{VirtioPciDevice, VirtioPciError, BAR_SIZE};
+use crate::devices::virtio::vhost_user::blk::{DiskConfig, VhostUserBlkFrontend};
+use crate::devices::virtio::vhost_user::VhostUserError;
 use crate::devices::{BusError, ExitReason, ExitSignal, PioBus};
+use crate::event_loop::BackendWatch;
 use crate::event_loop::{
     block_stop_signals, ConsoleInput, EventLoop, EventLoopError, TerminalGuard,
 };
 use crate::kvm::{KvmError, KvmVm};
 use crate::memory::{GuestRam, MemoryError};
-use crate::vcpu::{kick_signal, on_kick_signal, write_boot_gdt, BootState, Vcpu, VcpuError};
+use crate::vcpu::{kick_signal, on_kick_signal, write_boot_gdt, BootState, Buses, Vcpu, VcpuError};
 
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,7 +48,11 @@ pub struct VmConfig {
     pub num_vcpus: u8,
     pub memory_bytes: u64,
     pub serial: SerialMode,
+    pub disks: Vec<DiskConfig>,
 }
+
+/// PCI class of virtio-blk functions: mass storage, SCSI (as QEMU uses).
+const PCI_CLASS_STORAGE: (u8, u8) = (0x01, 0x00);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -73,6 +82,22 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--disk {index}")]
+    Disk {
+        index: usize,
+        #[source]
+        source: VhostUserError,
+    },
+    #[error("setting up the PCI function of {name}")]
+    VirtioPci {
+        name: String,
+        #[source]
+        source: VirtioPciError,
+    },
+    #[error("the PCI bus has no room for {0}")]
+    PciFull(String, #[source] crate::devices::pci::PciError),
+    #[error("the 32-bit MMIO hole has no room left for the BAR of {0}")]
+    MmioHoleFull(String),
     #[error("installing the vCPU kick signal handler failed")]
     KickHandler(#[source] vmm_sys_util::errno::Error),
 }
@@ -86,6 +111,7 @@ impl VmError {
             VmError::Boot(_)
                 | VmError::SerialFile { .. }
                 | VmError::Memory(MemoryError::TooSmall(_))
+                | VmError::Disk { .. }
         )
     }
 }
@@ -175,7 +201,7 @@ fn load_guest(ram: &GuestRam, cfg: &VmConfig) -> Result<BootState, VmError> {
 /// Runs the VM described by `cfg` to its end.
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     let started = Instant::now();
-    let kvm = KvmVm::new(cfg.num_vcpus)?;
+    let kvm = Arc::new(KvmVm::new(cfg.num_vcpus)?);
     let ram = GuestRam::new(cfg.memory_bytes)?;
     kvm.setup_platform()?;
     kvm.set_memory(&ram)?;
@@ -210,12 +236,13 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )?;
     bus(&mut pio, ports::RTC, 2, Arc::new(Mutex::new(Rtc::new())))?;
-    let pci = Arc::new(Mutex::new(PciBus::new()));
+    let (pci, backends) = attach_disks(&kvm, &ram, &cfg.disks)?;
+    let pci = Arc::new(pci);
     bus(
         &mut pio,
         ports::PCI_CONFIG,
         ports::PCI_CONFIG_LEN,
-        Arc::new(Mutex::new(PciConfigIo::new(pci))),
+        Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
     )?;
     bus(
         &mut pio,
@@ -235,7 +262,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         u16::from(ports::ACPI_PM1A_CNT_LEN),
         Arc::new(Mutex::new(Pm1Control::new(exit.clone()))),
     )?;
-    let pio = Arc::new(pio);
+    let buses = Arc::new(Buses { pio, pci });
 
     let base_cpuid = kvm.supported_cpuid()?;
     let mut vcpus = Vec::with_capacity(usize::from(cfg.num_vcpus));
@@ -256,7 +283,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         serial: serial.clone(),
         drained,
     });
-    let mut event_loop = EventLoop::new(exit.clone(), &signal_set, console)?;
+    let mut event_loop = EventLoop::new(exit.clone(), &signal_set, console, backends)?;
     let _terminal = if cfg.serial == SerialMode::Stdio {
         TerminalGuard::raw_stdin()
     } else {
@@ -266,7 +293,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for v in vcpus {
-        match v.spawn(pio.clone(), exit.clone(), stop.clone()) {
+        match v.spawn(buses.clone(), exit.clone(), stop.clone()) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 stop_vcpus(&stop, threads);
@@ -288,6 +315,44 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         "guest ended"
     );
     Ok(reason)
+}
+
+/// Connects every `--disk` to its backend and puts its virtio-pci function
+/// on the bus, BARs placed upwards from the start of the MMIO hole.
+fn attach_disks(
+    kvm: &Arc<KvmVm>,
+    ram: &GuestRam,
+    disks: &[DiskConfig],
+) -> Result<(PciBus, Vec<BackendWatch>), VmError> {
+    let mut pci = PciBus::new();
+    let mut watches = Vec::with_capacity(disks.len());
+    let mut next_bar = MMIO_HOLE_START.0;
+    for (index, disk) in disks.iter().enumerate() {
+        let frontend = VhostUserBlkFrontend::new(disk, ram)
+            .map_err(|source| VmError::Disk { index, source })?;
+        let name = format!("disk{index} ({})", frontend.socket().display());
+        let fd = frontend.raw_fd();
+        if next_bar + BAR_SIZE > IOAPIC_START.0 {
+            return Err(VmError::MmioHoleFull(name));
+        }
+        let dev = VirtioPciDevice::new(
+            name.clone(),
+            Box::new(frontend),
+            kvm.clone(),
+            next_bar,
+            PCI_CLASS_STORAGE,
+        )
+        .map_err(|source| VmError::VirtioPci {
+            name: name.clone(),
+            source,
+        })?;
+        next_bar += BAR_SIZE;
+        let dev = Arc::new(Mutex::new(dev));
+        pci.add(dev.clone())
+            .map_err(|e| VmError::PciFull(name, e))?;
+        watches.push(BackendWatch { fd, device: dev });
+    }
+    Ok((pci, watches))
 }
 
 fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {

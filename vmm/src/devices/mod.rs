@@ -6,6 +6,7 @@ pub mod i8042;
 pub mod pci;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -230,7 +230,8 @@ impl ConfigSpace {
     }
 }
 
-/// Bus 0: one function per slot.
+/// Bus 0: one function per slot. Devices are added while the VM is built;
+/// afterwards the bus is shared read-only (Arc) and only devices lock.
 pub struct PciBus {
     slots: Vec<Option<SharedPciDevice>>,
 }
@@ -313,14 +314,14 @@ impl Default for PciBus {
 /// The 0xCF8-0xCFF port pair.
 pub struct PciConfigIo {
     address: u32,
-    bus: Arc<Mutex<PciBus>>,
+    bus: Arc<PciBus>,
 }
 
 /// Offset of CONFIG_DATA within the device's 8 ports.
 const DATA_OFFSET: u16 = 4;
 
 impl PciConfigIo {
-    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+    pub fn new(bus: Arc<PciBus>) -> Self {
         Self { address: 0, bus }
     }
 
@@ -336,8 +337,7 @@ impl PciConfigIo {
         let slot = ((self.address >> 11) & 0x1f) as usize;
         let function = ((self.address >> 8) & 0x7) as u8;
         let reg = ((self.address >> 2) & 0x3f) as usize;
-        let pci = self.bus.lock().expect("PCI bus lock poisoned");
-        Some((pci.device(bus, slot, function)?.clone(), reg, byte))
+        Some((self.bus.device(bus, slot, function)?.clone(), reg, byte))
     }
 }
 
@@ -398,7 +398,7 @@ mod tests {
 
     #[test]
     fn host_bridge_is_at_00_0_and_other_slots_are_empty() {
-        let mut io = PciConfigIo::new(Arc::new(Mutex::new(PciBus::new())));
+        let mut io = PciConfigIo::new(Arc::new(PciBus::new()));
         let id = cfg_read(&mut io, 0, 0, 0, 4);
         assert_eq!(id & 0xffff, u32::from(host_bridge::VENDOR_ID_INTEL));
         assert_eq!(cfg_read(&mut io, 0, 0, 0xb, 1), 0x06, "class: bridge");
@@ -413,7 +413,7 @@ mod tests {
 
     #[test]
     fn config_address_reads_back_without_reserved_bits() {
-        let mut io = PciConfigIo::new(Arc::new(Mutex::new(PciBus::new())));
+        let mut io = PciConfigIo::new(Arc::new(PciBus::new()));
         io.write(0, &0xffff_ffffu32.to_le_bytes());
         let mut d = [0u8; 4];
         io.read(0, &mut d);
@@ -426,7 +426,7 @@ mod tests {
 
     #[test]
     fn disabled_address_reads_all_ones() {
-        let mut io = PciConfigIo::new(Arc::new(Mutex::new(PciBus::new())));
+        let mut io = PciConfigIo::new(Arc::new(PciBus::new()));
         io.write(0, &0u32.to_le_bytes());
         let mut d = [0u8; 4];
         io.read(DATA_OFFSET, &mut d);

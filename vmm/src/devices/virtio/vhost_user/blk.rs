@@ -1,0 +1,227 @@
+//! `VhostUserBlkFrontend`: a virtio-blk device whose queues a vhost-user-blk
+//! backend (ringvm-blk, qemu-storage-daemon) serves. ringvm only negotiates:
+//! features offered to the guest are the backend's, restricted to what the
+//! transport supports; the configuration space is the backend's, with
+//! num_queues set to what `--disk` asked for.
+
+use std::path::PathBuf;
+
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use super::{VhostUserConnection, VhostUserError};
+use crate::devices::virtio::{ActivateError, ActiveQueue, VirtioDevice};
+use crate::memory::GuestRam;
+
+/// The configuration space ringvm reads and shows: virtio_blk_config up to
+/// and including write_zeroes_may_unmap and its padding (60 bytes, as QEMU
+/// and the vhost-user-blk backends use), without the secure-erase and zoned
+/// fields ringvm does not offer.
+pub const CONFIG_LEN: usize = std::mem::offset_of!(virtio_blk_config, max_secure_erase_sectors);
+const NUM_QUEUES_OFFSET: usize = std::mem::offset_of!(virtio_blk_config, num_queues);
+const BLK_SIZE_OFFSET: usize = std::mem::offset_of!(virtio_blk_config, blk_size);
+
+/// Default and limits of `queue_size=`.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Feature bits ringvm passes through from a blk backend to the guest.
+const SUPPORTED_FEATURES: u64 = (1 << VIRTIO_BLK_F_SIZE_MAX)
+    | (1 << VIRTIO_BLK_F_SEG_MAX)
+    | (1 << VIRTIO_BLK_F_GEOMETRY)
+    | (1 << VIRTIO_BLK_F_RO)
+    | (1 << VIRTIO_BLK_F_BLK_SIZE)
+    | (1 << VIRTIO_BLK_F_FLUSH)
+    | (1 << VIRTIO_BLK_F_TOPOLOGY)
+    | (1 << VIRTIO_BLK_F_CONFIG_WCE)
+    | (1 << VIRTIO_BLK_F_MQ)
+    | (1 << VIRTIO_BLK_F_DISCARD)
+    | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_F_VERSION_1);
+
+/// One `--disk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub socket: PathBuf,
+    /// None: as many as the backend serves.
+    pub num_queues: Option<u16>,
+    pub queue_size: u16,
+}
+
+pub struct VhostUserBlkFrontend {
+    conn: VhostUserConnection,
+    features: u64,
+    config: Vec<u8>,
+    num_queues: u16,
+    queue_size: u16,
+}
+
+impl VhostUserBlkFrontend {
+    /// Connects to the backend and checks it serves a virtio-blk device.
+    pub fn new(disk: &DiskConfig, ram: &GuestRam) -> Result<Self, VhostUserError> {
+        let mut conn = VhostUserConnection::connect(&disk.socket, ram)?;
+        let bad = |reason: String| VhostUserError::BadDevice {
+            socket: disk.socket.clone(),
+            reason,
+        };
+        let offered = conn.virtio_features();
+        if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(VhostUserError::MissingFeature {
+                socket: disk.socket.clone(),
+                what: "VIRTIO_F_VERSION_1",
+            });
+        }
+        let mut config = conn.get_config(CONFIG_LEN as u32).map_err(|e| match e {
+            VhostUserError::Handshake { source, .. } => bad(format!(
+                "it did not return a virtio-blk configuration space ({source}); is it a vhost-user-blk backend?"
+            )),
+            other => other,
+        })?;
+        let features = offered & SUPPORTED_FEATURES;
+        check_blk_config(&config, features)
+            .map_err(|r| bad(format!("{r}; is it a vhost-user-blk backend?")))?;
+        let backend_queues = if features & (1 << VIRTIO_BLK_F_MQ) != 0 {
+            u16::from_le_bytes([config[NUM_QUEUES_OFFSET], config[NUM_QUEUES_OFFSET + 1]])
+        } else {
+            1
+        }
+        .min(conn.queue_num().min(super::MAX_QUEUES) as u16);
+        let num_queues = disk.num_queues.unwrap_or(backend_queues);
+        if num_queues > backend_queues {
+            return Err(bad(format!(
+                "--disk asks for num_queues={num_queues}, but the backend serves {backend_queues}"
+            )));
+        }
+        config[NUM_QUEUES_OFFSET..NUM_QUEUES_OFFSET + 2].copy_from_slice(&num_queues.to_le_bytes());
+        Ok(Self {
+            conn,
+            features,
+            config,
+            num_queues,
+            queue_size: disk.queue_size,
+        })
+    }
+
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.conn.raw_fd()
+    }
+
+    pub fn socket(&self) -> &std::path::Path {
+        self.conn.socket()
+    }
+}
+
+/// Sanity checks that tell a virtio-blk configuration space from another
+/// device's (a vhost-user protocol has no device-type query).
+fn check_blk_config(config: &[u8], features: u64) -> Result<(), String> {
+    if config.len() != CONFIG_LEN {
+        return Err(format!(
+            "its configuration space is {} bytes, not {CONFIG_LEN}",
+            config.len()
+        ));
+    }
+    if features & (1 << VIRTIO_BLK_F_BLK_SIZE) != 0 {
+        let bs = u32::from_le_bytes(
+            config[BLK_SIZE_OFFSET..BLK_SIZE_OFFSET + 4]
+                .try_into()
+                .expect("4 bytes"),
+        );
+        if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
+            return Err(format!(
+                "its block size {bs} is not a power of two from 512 to 64K"
+            ));
+        }
+    }
+    if features & (1 << VIRTIO_BLK_F_MQ) != 0 {
+        let nq = u16::from_le_bytes([config[NUM_QUEUES_OFFSET], config[NUM_QUEUES_OFFSET + 1]]);
+        if nq == 0 {
+            return Err("it offers multiple queues but reports num_queues=0".into());
+        }
+    }
+    Ok(())
+}
+
+impl VirtioDevice for VhostUserBlkFrontend {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.num_queues)
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config_len(&self) -> usize {
+        self.config.len()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = offset as usize;
+        match self.config.get(start..start + data.len()) {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only the writeback flag is writable in virtio-blk's space, and
+        // ringvm does not offer CONFIG_WCE writes to the backend yet.
+        tracing::debug!(offset, len = data.len(), "virtio-blk config write ignored");
+    }
+
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), ActivateError> {
+        self.conn.start(features, queues)
+    }
+
+    fn reset(&mut self) {
+        self.conn.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_len_is_the_classic_60_bytes() {
+        assert_eq!(CONFIG_LEN, 60);
+        assert_eq!(NUM_QUEUES_OFFSET, 34);
+        assert_eq!(BLK_SIZE_OFFSET, 20);
+    }
+
+    #[test]
+    fn blk_config_checks() {
+        let mut c = vec![0u8; CONFIG_LEN];
+        c[BLK_SIZE_OFFSET..BLK_SIZE_OFFSET + 4].copy_from_slice(&4096u32.to_le_bytes());
+        c[NUM_QUEUES_OFFSET] = 2;
+        let f = (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_MQ);
+        assert!(check_blk_config(&c, f).is_ok());
+        c[BLK_SIZE_OFFSET..BLK_SIZE_OFFSET + 4].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(check_blk_config(&c, f).unwrap_err().contains("block size"));
+        assert!(
+            check_blk_config(&c, 0).is_ok(),
+            "blk_size only counts when offered"
+        );
+        c[BLK_SIZE_OFFSET..BLK_SIZE_OFFSET + 4].copy_from_slice(&512u32.to_le_bytes());
+        c[NUM_QUEUES_OFFSET] = 0;
+        assert!(check_blk_config(&c, f)
+            .unwrap_err()
+            .contains("num_queues=0"));
+        assert!(check_blk_config(&c[..20], 0).is_err());
+    }
+}
