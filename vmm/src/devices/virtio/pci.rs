@@ -617,3 +617,238 @@ impl PciDevice for VirtioPciDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// What the fake device saw.
+    #[derive(Default)]
+    struct Seen {
+        activations: Vec<(u64, Vec<(usize, QueueConfig)>)>,
+        resets: usize,
+        fail_activation: bool,
+    }
+
+    struct FakeDevice(Arc<Mutex<Seen>>);
+
+    const FAKE_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << 29) | 1;
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn num_queues(&self) -> usize {
+            2
+        }
+        fn max_queue_size(&self) -> u16 {
+            256
+        }
+        fn features(&self) -> u64 {
+            FAKE_FEATURES
+        }
+        fn config_len(&self) -> usize {
+            8
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = 0xa0 + offset as u8 + i as u8;
+            }
+        }
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            features: u64,
+            queues: &[ActiveQueue<'_>],
+        ) -> Result<(), super::super::ActivateError> {
+            let mut s = self.0.lock().unwrap();
+            if s.fail_activation {
+                return Err(super::super::ActivateError::BackendGone);
+            }
+            s.activations.push((
+                features,
+                queues.iter().map(|q| (q.index, q.config)).collect(),
+            ));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.0.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn device() -> (VirtioPciDevice, Arc<Mutex<Seen>>) {
+        let vm = Arc::new(KvmVm::new(1).expect("/dev/kvm"));
+        vm.setup_platform().unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let dev = VirtioPciDevice::new(
+            "test".into(),
+            Box::new(FakeDevice(seen.clone())),
+            vm,
+            0xc000_0000,
+            (1, 0),
+        )
+        .unwrap();
+        (dev, seen)
+    }
+
+    fn w(d: &mut VirtioPciDevice, off: u64, bytes: &[u8]) {
+        d.write_bar(BAR_INDEX, COMMON_OFFSET + off, bytes);
+    }
+
+    fn r8(d: &mut VirtioPciDevice, off: u64) -> u8 {
+        let mut b = [0u8];
+        d.read_bar(BAR_INDEX, COMMON_OFFSET + off, &mut b);
+        b[0]
+    }
+
+    fn r16(d: &mut VirtioPciDevice, off: u64) -> u16 {
+        let mut b = [0u8; 2];
+        d.read_bar(BAR_INDEX, COMMON_OFFSET + off, &mut b);
+        u16::from_le_bytes(b)
+    }
+
+    fn negotiate(d: &mut VirtioPciDevice, features: u64) -> u8 {
+        w(d, common::DEVICE_STATUS, &[1 | 2]);
+        w(d, common::DRIVER_FEATURE_SELECT, &0u32.to_le_bytes());
+        w(d, common::DRIVER_FEATURE, &(features as u32).to_le_bytes());
+        w(d, common::DRIVER_FEATURE_SELECT, &1u32.to_le_bytes());
+        w(
+            d,
+            common::DRIVER_FEATURE,
+            &((features >> 32) as u32).to_le_bytes(),
+        );
+        w(d, common::DEVICE_STATUS, &[1 | 2 | 8]);
+        r8(d, common::DEVICE_STATUS)
+    }
+
+    fn setup_queue(d: &mut VirtioPciDevice, q: u16, size: u16, base: u64) {
+        w(d, common::QUEUE_SELECT, &q.to_le_bytes());
+        w(d, common::QUEUE_SIZE, &size.to_le_bytes());
+        for (reg, addr) in [
+            (common::QUEUE_DESC, base),
+            (common::QUEUE_DRIVER, base + 0x1000),
+            (common::QUEUE_DEVICE, base + 0x2000),
+        ] {
+            w(d, reg, &(addr as u32).to_le_bytes());
+            w(d, reg + 4, &((addr >> 32) as u32).to_le_bytes());
+        }
+        w(d, common::QUEUE_ENABLE, &1u16.to_le_bytes());
+    }
+
+    #[test]
+    fn features_and_device_config_are_visible() {
+        let (mut d, _) = device();
+        let mut b = [0u8; 4];
+        w(&mut d, common::DEVICE_FEATURE_SELECT, &1u32.to_le_bytes());
+        d.read_bar(BAR_INDEX, common::DEVICE_FEATURE, &mut b);
+        assert_eq!(u32::from_le_bytes(b), (FAKE_FEATURES >> 32) as u32);
+        assert_eq!(r16(&mut d, common::NUM_QUEUES), 2);
+        d.read_bar(BAR_INDEX, DEVICE_OFFSET + 2, &mut b[..2]);
+        assert_eq!(b[..2], [0xa2, 0xa3]);
+        d.read_bar(BAR_INDEX, DEVICE_OFFSET + 7, &mut b[..2]);
+        assert_eq!(b[..2], [0, 0], "reads past the device config are zero");
+        assert_eq!(r16(&mut d, common::QUEUE_SIZE), 256);
+    }
+
+    #[test]
+    fn features_ok_is_refused_for_unoffered_or_legacy_features() {
+        let (mut d, _) = device();
+        assert_eq!(
+            negotiate(&mut d, 1 << 40 | 1 << VIRTIO_F_VERSION_1) & 8,
+            0,
+            "unoffered bit"
+        );
+        w(&mut d, common::DEVICE_STATUS, &[0]);
+        assert_eq!(negotiate(&mut d, 1) & 8, 0, "no VERSION_1");
+        w(&mut d, common::DEVICE_STATUS, &[0]);
+        assert_eq!(negotiate(&mut d, FAKE_FEATURES) & 8, 8);
+    }
+
+    #[test]
+    fn driver_ok_activates_enabled_queues_and_reset_stops_them() {
+        let (mut d, seen) = device();
+        negotiate(&mut d, FAKE_FEATURES);
+        setup_queue(&mut d, 1, 64, 0x10_0000);
+        w(&mut d, common::QUEUE_SELECT, &1u16.to_le_bytes());
+        w(&mut d, common::QUEUE_SIZE, &100u16.to_le_bytes()); // not a power of two: ignored
+        assert_eq!(r16(&mut d, common::QUEUE_SIZE), 64);
+        w(&mut d, common::DEVICE_STATUS, &[1 | 2 | 8 | 4]);
+        {
+            let s = seen.lock().unwrap();
+            assert_eq!(s.activations.len(), 1);
+            let (features, queues) = &s.activations[0];
+            assert_eq!(*features, FAKE_FEATURES);
+            assert_eq!(queues.len(), 1, "queue 0 was never enabled");
+            assert_eq!(queues[0].0, 1);
+            assert_eq!(queues[0].1.size, 64);
+            assert_eq!(queues[0].1.avail, GuestAddress(0x10_1000));
+        }
+        // Queue setup is frozen after DRIVER_OK.
+        w(&mut d, common::QUEUE_SIZE, &32u16.to_le_bytes());
+        assert_eq!(r16(&mut d, common::QUEUE_SIZE), 64);
+        w(&mut d, common::DEVICE_STATUS, &[0]);
+        assert_eq!(seen.lock().unwrap().resets, 1);
+        assert_eq!(r8(&mut d, common::DEVICE_STATUS), 0);
+        assert_eq!(
+            r16(&mut d, common::QUEUE_SIZE),
+            256,
+            "reset restores the defaults"
+        );
+        assert_eq!(d.stats().activations, 1);
+    }
+
+    #[test]
+    fn failed_activation_or_lost_backend_reports_needs_reset() {
+        let (mut d, seen) = device();
+        seen.lock().unwrap().fail_activation = true;
+        negotiate(&mut d, FAKE_FEATURES);
+        w(&mut d, common::DEVICE_STATUS, &[1 | 2 | 8 | 4]);
+        let status = r8(&mut d, common::DEVICE_STATUS);
+        assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET as u8, 0);
+        let mut isr = [0u8];
+        d.read_bar(BAR_INDEX, ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0], ISR_CONFIG_CHANGED);
+        d.read_bar(BAR_INDEX, ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0], 0, "reading the ISR clears it");
+        w(&mut d, common::DEVICE_STATUS, &[0]);
+        assert_eq!(r8(&mut d, common::DEVICE_STATUS), 0);
+        d.on_backend_gone();
+        assert_ne!(
+            r8(&mut d, common::DEVICE_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET as u8,
+            0
+        );
+    }
+
+    #[test]
+    fn msix_vectors_are_checked_against_the_table_size() {
+        let (mut d, _) = device();
+        w(&mut d, common::QUEUE_SELECT, &0u16.to_le_bytes());
+        w(&mut d, common::QUEUE_MSIX_VECTOR, &2u16.to_le_bytes());
+        assert_eq!(r16(&mut d, common::QUEUE_MSIX_VECTOR), 2);
+        w(&mut d, common::QUEUE_MSIX_VECTOR, &3u16.to_le_bytes());
+        assert_eq!(
+            r16(&mut d, common::QUEUE_MSIX_VECTOR),
+            VIRTIO_MSI_NO_VECTOR,
+            "3 vectors: 0..=2"
+        );
+        w(&mut d, common::CONFIG_MSIX_VECTOR, &0u16.to_le_bytes());
+        assert_eq!(r16(&mut d, common::CONFIG_MSIX_VECTOR), 0);
+    }
+
+    #[test]
+    fn bar_moves_with_its_notification_ioeventfds() {
+        let (mut d, _) = device();
+        assert!(d.mmio_bars().is_empty());
+        d.write_config(1, 0, &[0x06]); // memory space + bus master
+        assert_eq!(d.mmio_bars(), vec![(BAR_INDEX, 0xc000_0000, BAR_SIZE)]);
+        assert_eq!(d.notify_base, Some(0xc000_0000));
+        d.write_config(4, 0, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(d.notify_base, Some(0xd000_0000));
+        d.write_config(1, 0, &[0x04]); // memory space off
+        assert_eq!(d.notify_base, None);
+        // A notification while the ioeventfd is not registered is an MMIO write.
+        d.write_bar(BAR_INDEX, NOTIFY_OFFSET + 4, &1u16.to_le_bytes());
+        assert_eq!(d.kicks[1].read().unwrap(), 1);
+    }
+}
