@@ -145,9 +145,11 @@ impl Vcpu {
         boot: Option<BootState>,
     ) -> Result<Self, VcpuError> {
         let err = |what| move |source| VcpuError::Setup { id, what, source };
+        let tsc_khz = fd.get_tsc_khz();
+        tracing::debug!(vcpu = id, ?tsc_khz, "KVM_GET_TSC_KHZ");
         let topo = CpuTopology {
             num_vcpus,
-            tsc_khz: fd.get_tsc_khz().ok().filter(|k| *k > 0),
+            tsc_khz: tsc_khz.ok().filter(|k| *k > 0),
         };
         fd.set_cpuid2(&vcpu_cpuid(base_cpuid, id, topo))
             .map_err(err("KVM_SET_CPUID2"))?;
