@@ -123,7 +123,8 @@ pub fn kvm_available() -> bool {
         .is_ok()
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+/// The first executable file `name` in a directory of `$PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))

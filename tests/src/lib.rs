@@ -2,3 +2,4 @@
 
 pub mod guest;
 pub mod harness;
+pub mod linux;

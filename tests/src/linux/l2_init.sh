@@ -1,0 +1,56 @@
+#!/bin/sh
+# /init of the Linux guest (L2) initramfs built by ringvm-tests' linux
+# harness. It runs busybox sh as PID 1 and
+#   1. prints RINGVM-INIT first of all (the harness times /init from it);
+#   2. mounts proc, sys, devtmpfs and loads the modules listed in
+#      /etc/ringvm/modules (virtio_pci, virtio_blk, virtio_net and their
+#      dependencies, in load order);
+#   3. decodes the command from the base64 word ringvm.cmd= of the kernel
+#      command line, prints RINGVM-OUTPUT-BEGIN, runs it with sh and prints
+#      RINGVM-RESULT: status=<its exit status>;
+#   4. ends as ringvm.end= says: poweroff (default) or reboot, forced.
+echo RINGVM-INIT
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+while read -r module; do
+    insmod "$module" || echo "RINGVM-INIT: insmod $module failed"
+done < /etc/ringvm/modules
+
+cmd_b64=
+end=poweroff
+set -f
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        ringvm.cmd=*) cmd_b64=${word#ringvm.cmd=} ;;
+        ringvm.end=*) end=${word#ringvm.end=} ;;
+    esac
+done
+set +f
+
+finish() {
+    case "$end" in
+        reboot) reboot -f ;;
+        poweroff) poweroff -f ;;
+        *) echo "RINGVM-INIT: unknown ringvm.end=$end, powering off"; poweroff -f ;;
+    esac
+    echo "RINGVM-INIT: $end -f failed"
+    exit 1
+}
+
+if [ -z "$cmd_b64" ]; then
+    echo "RINGVM-INIT: no ringvm.cmd= on the kernel command line, nothing to run"
+    finish
+fi
+if ! cmd=$(echo "$cmd_b64" | base64 -d) || [ -z "$cmd" ]; then
+    echo "RINGVM-INIT: cannot decode ringvm.cmd=$cmd_b64 (base64)"
+    finish
+fi
+
+cd /root
+echo RINGVM-OUTPUT-BEGIN
+sh -c "$cmd"
+echo "RINGVM-RESULT: status=$?"
+finish

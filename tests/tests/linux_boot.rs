@@ -1,0 +1,212 @@
+//! ringvm boots Debian's stock kernel (linux-image-amd64) with an initramfs
+//! built from installed packages, to its /init: the guest runs a command and
+//! powers off or reboots, and a guest panic ends ringvm with a non-zero
+//! status. On a machine whose /dev/kvm cannot run a stock kernel the VMM runs
+//! inside an emulated KVM host (see ringvm_tests::linux; force the mode with
+//! RINGVM_LINUX_HOST=direct|emulated).
+//!
+//! `RINGVM_LINUX_SHOW=1` prints every run in full (with `--nocapture`).
+//!
+//! The tests take one run at a time: in emulated mode each run is an L1
+//! QEMU/TCG with 2 vCPUs, and two of them would fight over the machine's
+//! cores (and each other's timeouts).
+
+use std::fs;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use ringvm_tests::harness::ExitOutcome;
+use ringvm_tests::linux::{
+    initramfs, EndAction, L2Vmm, LinuxHost, LinuxRun, LinuxSetupError, RunSpec,
+};
+
+/// The guest prints the kernel release and its CPU count.
+const UNAME_NPROC: &str = "uname -r; nproc";
+
+/// Set to print every run in full (consoles and all), not only failed ones.
+const SHOW_ENV: &str = "RINGVM_LINUX_SHOW";
+
+static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The prepared host, shared by the tests; `None` (after printing
+/// `SKIPPED: <reason>`) when a package is missing.
+fn host() -> Option<&'static LinuxHost> {
+    static HOST: OnceLock<Result<LinuxHost, String>> = OnceLock::new();
+    let prepared = HOST.get_or_init(|| match LinuxHost::prepare() {
+        Ok(host) => {
+            eprintln!("{}", host.choice);
+            for initramfs in [Some(&host.l2_initramfs), host.l1_initramfs.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                eprintln!(
+                    "initramfs {} ({} MiB, {} in {:.2} s)",
+                    initramfs.path.display(),
+                    initramfs.len_bytes >> 20,
+                    if initramfs.built { "built" } else { "cached" },
+                    initramfs.elapsed.as_secs_f64()
+                );
+            }
+            Ok(host)
+        }
+        Err(LinuxSetupError::Missing(reason)) => Err(reason),
+        Err(err) => panic!("preparing the Linux guest: {}", error_chain(&err)),
+    });
+    match prepared {
+        Ok(host) => Some(host),
+        Err(reason) => {
+            eprintln!("SKIPPED: {reason}");
+            None
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+fn serial() -> MutexGuard<'static, ()> {
+    // A test that failed while holding the lock leaves nothing to clean up.
+    ONE_RUN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn boot(host: &LinuxHost, spec: &RunSpec) -> LinuxRun {
+    let _one = serial();
+    let run = host.run(spec).expect("starting the Linux guest run");
+    eprintln!("{}", run.timings());
+    if std::env::var_os(SHOW_ENV).is_some() {
+        eprintln!("{run}");
+    }
+    run
+}
+
+fn assert_uname_and_nproc(host: &LinuxHost, run: &LinuxRun) {
+    assert!(
+        run.vmm_exited_with(0),
+        "the VMM must exit 0 after the guest ends\n{run}"
+    );
+    assert_eq!(
+        run.result_status(),
+        Some(0),
+        "the command must succeed\n{run}"
+    );
+    assert_eq!(
+        run.output_lines(),
+        Some(vec![host.guest.version.as_str(), "2"]),
+        "the guest must print `uname -r` and `nproc`\n{run}"
+    );
+    assert!(run.to_init.is_some(), "/init was not timed\n{run}");
+}
+
+#[test]
+fn stock_kernel_boots_runs_a_command_and_powers_off() {
+    let Some(host) = host() else { return };
+    let run = boot(host, &RunSpec::new(UNAME_NPROC));
+    assert_uname_and_nproc(host, &run);
+}
+
+#[test]
+fn stock_kernel_reboot_ends_ringvm_with_status_zero() {
+    let Some(host) = host() else { return };
+    let mut spec = RunSpec::new(UNAME_NPROC);
+    spec.end = EndAction::Reboot;
+    let run = boot(host, &spec);
+    assert_uname_and_nproc(host, &run);
+}
+
+#[test]
+fn guest_panic_ends_ringvm_with_nonzero_status() {
+    let Some(host) = host() else { return };
+    let mut spec = RunSpec::new("echo unreachable");
+    // No /init to run and no root device: the kernel panics, and panic=-1
+    // asks it to reboot at once instead of hanging.
+    spec.extra_cmdline = "panic=-1 rdinit=/nonexistent init=/nonexistent".to_owned();
+    let run = boot(host, &spec);
+    assert!(
+        matches!(run.vmm_status, Some(ExitOutcome::Exited(code)) if code != 0),
+        "a guest panic must end ringvm with a non-zero status (not a timeout)\n{run}"
+    );
+    assert!(
+        run.l2_console.contains("Kernel panic - not syncing"),
+        "the panic must be on the console\n{run}"
+    );
+    assert!(!run.init_seen(), "no /init may have run\n{run}");
+    assert_eq!(run.result_status(), None, "{run}");
+}
+
+/// The same boot under QEMU, for comparison and for checking the harness
+/// without ringvm (`cargo test --test linux_boot -- --ignored`).
+#[test]
+#[ignore = "comparison run: QEMU as the guest's VMM, about a minute in the emulated host"]
+fn qemu_boots_the_same_guest() {
+    let Some(host) = host() else { return };
+    let mut spec = RunSpec::new(UNAME_NPROC);
+    spec.vmm = L2Vmm::Qemu;
+    let run = boot(host, &spec);
+    assert_uname_and_nproc(host, &run);
+}
+
+/// The guest's initramfs holds working fio and iperf3: every shared library
+/// they load is in it. Checked by running them chrooted into its unpacked
+/// contents (needs root and GNU cpio; skipped otherwise).
+#[test]
+fn guest_initramfs_runs_fio_and_iperf3() {
+    let Some(host) = host() else { return };
+    // SAFETY: geteuid(2) has no preconditions and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: chroot needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let archive = fs::File::open(&host.l2_initramfs.path).unwrap();
+    let Ok(unpack) = Command::new("cpio")
+        .args(["-i", "-d", "--quiet", "--no-absolute-filenames"])
+        .stdin(archive)
+        .current_dir(dir.path())
+        .output()
+    else {
+        eprintln!("SKIPPED: no cpio on PATH");
+        return;
+    };
+    assert!(unpack.status.success(), "cpio -i: {unpack:?}");
+    let modules = fs::read_to_string(dir.path().join(initramfs::MODULE_LIST_PATH)).unwrap();
+    for module in [
+        "virtio_pci.ko",
+        "virtio_blk.ko",
+        "virtio_net.ko",
+        "virtio_ring.ko",
+    ] {
+        assert!(
+            modules
+                .lines()
+                .any(|line| line.ends_with(&format!("/{module}"))),
+            "{module} missing from the module list:\n{modules}"
+        );
+    }
+    for (program, expected) in [("fio", "fio-"), ("iperf3", "iperf 3")] {
+        let out = Command::new("chroot")
+            .arg(dir.path())
+            .args([format!("/usr/bin/{program}"), "--version".to_owned()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(expected),
+            "{program} --version in the unpacked initramfs: {out:?}"
+        );
+    }
+    let out = Command::new("chroot")
+        .arg(dir.path())
+        .args(["/bin/sh", "-c", "echo aGk= | base64 -d; nproc >/dev/null"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi", "{out:?}");
+}
