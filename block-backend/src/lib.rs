@@ -2,5 +2,11 @@
 //!
 //! Module map, from the socket down to the image file:
 //! - [`request`]: descriptor chain -> [`request::BlkRequest`] (pure).
+//! - [`image`]: formats translate guest sectors into host file extents.
+//! - [`engine`]: engines move bytes (io_uring, or synchronous syscalls).
+//! - [`counters`]: what happened, as atomics, printed at exit.
 
+pub mod counters;
+pub mod engine;
+pub mod image;
 pub mod request;
