@@ -1,16 +1,26 @@
 //! `ringvm-blk`: the vhost-user-blk backend that serves a raw or qcow2 image
 //! to a VMM's virtio-blk device (see DESIGN.md).
 //!
-//! For now it parses and validates its command line and then says, loudly,
-//! that serving is not implemented yet: it never pretends to serve.
+//! This file parses and validates the command line, installs the log
+//! subscriber, opens the image and hands over to [`ringvm_blk::daemon::run`].
+//! Exit status: 0 when the frontend disconnected or SIGTERM/SIGINT ended the
+//! process, 1 when the image or the socket cannot be used or the frontend
+//! broke the protocol, 2 for command-line errors. Creating qcow2 images is not
+//! implemented yet, and says so.
 
 use std::fs;
+use std::io::IsTerminal;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringvm_blk::backend::BlkOptions;
+use ringvm_blk::counters::Counters;
+use ringvm_blk::daemon::{self, error_chain, DaemonConfig};
+use ringvm_blk::image::{self, Format, OpenOptions};
+use tracing::info;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 /// Upper bound of `--queues`: one worker thread and io_uring per queue.
@@ -197,15 +207,62 @@ fn parse_cluster_size(value: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     match cli.command {
         Some(BlkCommand::Create(_)) => {
             eprintln!("ringvm-blk: creating qcow2 images is not implemented yet (see README)");
+            ExitCode::FAILURE
         }
-        None => {
-            eprintln!("ringvm-blk: serving vhost-user-blk is not implemented yet (see README)");
+        None => serve(cli.serve),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let (Some(image_path), Some(socket)) = (args.image, args.socket) else {
+        unreachable!("clap requires --image and --socket without a subcommand");
+    };
+    let options = OpenOptions {
+        readonly: args.readonly,
+        direct: args.direct,
+        format: args.format.map(|format| match format {
+            ImageFormat::Raw => Format::Raw,
+            ImageFormat::Qcow2 => Format::Qcow2,
+        }),
+    };
+    let image = match image::open(&image_path, options) {
+        Ok(image) => image,
+        Err(err) => {
+            eprintln!("ringvm-blk: {}", error_chain(&err));
+            return ExitCode::FAILURE;
+        }
+    };
+    let counters = Counters::new(usize::from(args.queues));
+    let config = DaemonConfig {
+        socket,
+        keep_listening: args.keep_listening,
+        device: BlkOptions {
+            num_queues: args.queues,
+            queue_size: args.queue_size,
+            readonly: args.readonly,
+            serial: args.serial,
+        },
+    };
+    let result = daemon::run(image, &config, &counters);
+    info!("counters: {}", counters.snapshot());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ringvm-blk: {}", error_chain(&err));
+            ExitCode::FAILURE
         }
     }
-    ExitCode::FAILURE
 }
 
 #[cfg(test)]
