@@ -224,8 +224,14 @@ impl QueueWorker {
         }
         self.submit();
         // Operations the kernel completed during the submit (page cache
-        // hits) are answered now rather than after another wakeup.
-        self.reap();
+        // hits) are answered now rather than after another wakeup. Their
+        // completions also signalled the eventfd: clear it, then reap once
+        // more for what completed in between, so that the worker does not
+        // wake up again for nothing.
+        if self.reap() > 0 {
+            self.engine.clear_completion_fd();
+            self.reap();
+        }
         self.publish(&mut state);
     }
 
@@ -437,15 +443,18 @@ impl QueueWorker {
     }
 
     /// Reaps every completion that is ready, resubmitting what must go on,
-    /// and finishes the requests whose last operation completed.
-    fn reap(&mut self) {
+    /// and finishes the requests whose last operation completed. Returns the
+    /// number of completions.
+    fn reap(&mut self) -> usize {
         let mut completions = std::mem::take(&mut self.completions);
+        let mut reaped = 0;
         loop {
             completions.clear();
             self.engine.reap(&mut completions);
             if completions.is_empty() {
                 break;
             }
+            reaped += completions.len();
             let mut resubmitted = false;
             for completion in &completions {
                 resubmitted |= self.on_op_done(*completion);
@@ -455,6 +464,7 @@ impl QueueWorker {
             }
         }
         self.completions = completions;
+        reaped
     }
 
     /// Returns whether the op was queued again.
