@@ -81,9 +81,10 @@ fn serial() -> MutexGuard<'static, ()> {
 fn boot(host: &LinuxHost, spec: &RunSpec) -> LinuxRun {
     let _one = serial();
     let run = host.run(spec).expect("starting the Linux guest run");
-    eprintln!("{}", run.timings());
     if std::env::var_os(SHOW_ENV).is_some() {
         eprintln!("{run}");
+    } else {
+        eprintln!("{}", run.timings());
     }
     run
 }

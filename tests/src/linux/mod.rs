@@ -95,10 +95,13 @@ const CMDLINE_MAX_BYTES: usize = 2048;
 /// Default bound of one VMM run on a host with hardware virtualization.
 pub const DEFAULT_TIMEOUT_DIRECT: Duration = Duration::from_secs(60);
 /// Default bound of one VMM run inside the emulated host: the guest kernel
-/// runs at TCG speed with nested paging emulated (about 20 s to /init).
+/// runs at TCG speed with nested paging emulated. Measured: 30-60 s to /init
+/// on a 2-core machine that was also compiling (QEMU as the VMM, whose
+/// firmware adds about 12 s, and ringvm alike).
 pub const DEFAULT_TIMEOUT_EMULATED: Duration = Duration::from_secs(120);
-/// Added to the VMM's bound for the emulated host as a whole: QEMU start, L1
-/// boot (about 5 s), modules, mounts and power-off.
+/// Added to the VMM's bound for the emulated host as a whole: QEMU start and
+/// L1 boot (measured 7-14 s to L1's /init), modules and mounts (2-3 s),
+/// power-off.
 pub const L1_BOOT_BUDGET: Duration = Duration::from_secs(60);
 
 /// Why the Linux tests cannot run here (they print `SKIPPED: <reason>`).
