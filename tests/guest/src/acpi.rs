@@ -1,5 +1,6 @@
-//! Just enough ACPI to count processors: RSDP (from hvm_start_info or the
-//! BIOS-area scan) -> XSDT or RSDT -> MADT, every checksum validated.
+//! Just enough ACPI to count processors and find the PM timer: RSDP (from
+//! hvm_start_info or the BIOS-area scan) -> XSDT or RSDT -> MADT or FADT,
+//! every checksum validated.
 
 use crate::phys;
 
@@ -21,6 +22,21 @@ const MADT_LOCAL_APIC: u8 = 0;
 const MADT_LOCAL_X2APIC: u8 = 9;
 /// Processor Local APIC / x2APIC flags: bit 0 = enabled.
 const MADT_FLAG_ENABLED: u32 = 1;
+const FADT_SIGNATURE: &[u8; 4] = b"FACP";
+/// FADT fields (ACPI 6.5 table 5.9): PM_TMR_BLK (u32 port), PM_TMR_LEN (u8),
+/// Flags (u32), X_PM_TMR_BLK (generic address structure, 12 bytes).
+const FADT_PM_TMR_BLK: u64 = 76;
+const FADT_PM_TMR_LEN: u64 = 91;
+const FADT_FLAGS: u64 = 112;
+const FADT_X_PM_TMR_BLK: u64 = 208;
+const GAS_BYTES: u64 = 12;
+/// Generic address structure: address space ID 1 = system I/O; address at +4.
+const GAS_SPACE_SYSTEM_IO: u8 = 1;
+const GAS_ADDRESS: u64 = 4;
+/// FADT flag TMR_VAL_EXT: the PM timer counts 32 bits rather than 24.
+const FADT_FLAG_TMR_VAL_EXT: u32 = 1 << 8;
+/// PM_TMR_LEN of a PM timer that exists.
+const PM_TMR_LEN: u8 = 4;
 
 /// The root of the ACPI tables.
 struct Rsdp {
@@ -36,6 +52,47 @@ pub fn enabled_cpus(rsdp_hint: u64) -> Option<u32> {
     let rsdp = find_rsdp(rsdp_hint)?;
     let madt = find_table(&rsdp, MADT_SIGNATURE)?;
     Some(madt_enabled_cpus(madt))
+}
+
+/// The ACPI PM timer: a free-running 3.579545 MHz counter read from an I/O port.
+pub struct PmTimer {
+    pub port: u16,
+    /// 24 or 32.
+    pub bits: u32,
+}
+
+/// The PM timer the FADT describes, if there is one in I/O space.
+pub fn pm_timer(rsdp_hint: u64) -> Option<PmTimer> {
+    let rsdp = find_rsdp(rsdp_hint)?;
+    let fadt = find_table(&rsdp, FADT_SIGNATURE)?;
+    let len = table_len(fadt, None)?;
+    let extended = FADT_X_PM_TMR_BLK + GAS_BYTES <= len
+        && phys::read_u8(fadt + FADT_X_PM_TMR_BLK) == Some(GAS_SPACE_SYSTEM_IO);
+    let x_port = if extended {
+        phys::read_u64(fadt + FADT_X_PM_TMR_BLK + GAS_ADDRESS)?
+    } else {
+        0
+    };
+    let port = match x_port {
+        0 => u64::from(phys::read_u32(fadt + FADT_PM_TMR_BLK)?),
+        x => x,
+    };
+    if port == 0 || phys::read_u8(fadt + FADT_PM_TMR_LEN)? != PM_TMR_LEN {
+        return None;
+    }
+    let flags = if FADT_FLAGS + 4 <= len {
+        phys::read_u32(fadt + FADT_FLAGS)?
+    } else {
+        0
+    };
+    Some(PmTimer {
+        port: u16::try_from(port).ok()?,
+        bits: if flags & FADT_FLAG_TMR_VAL_EXT != 0 {
+            32
+        } else {
+            24
+        },
+    })
 }
 
 fn find_rsdp(hint: u64) -> Option<Rsdp> {

@@ -80,6 +80,17 @@ impl StartInfo {
             .fold(0, u64::saturating_add)
     }
 
+    /// The memory map's RAM entry that contains `paddr`, as `[start, end)`.
+    pub fn ram_range_containing(&self, paddr: u64) -> Option<(u64, u64)> {
+        (0..u64::from(self.memmap_entries)).find_map(|i| {
+            let entry = self.memmap_paddr.checked_add(i * MEMMAP_ENTRY_BYTES)?;
+            let start = phys::read_u64(entry)?;
+            let end = start.checked_add(phys::read_u64(entry + 8)?)?;
+            let kind = phys::read_u32(entry + 16)?;
+            (kind == MEMMAP_TYPE_RAM && (start..end).contains(&paddr)).then_some((start, end))
+        })
+    }
+
     /// The command line (empty if there is none or it cannot be read).
     pub fn cmdline(&self) -> CmdLine {
         let mut cmdline = CmdLine {

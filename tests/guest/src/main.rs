@@ -12,15 +12,22 @@
 #![no_main]
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+extern crate alloc;
+
 #[macro_use]
 mod serial;
 mod acpi;
 mod bootinfo;
+mod heap;
 mod jobs;
 mod memfns;
+mod mmio;
+mod pci;
 mod phys;
 mod port;
 mod start;
+mod tsc;
+mod virtio;
 
 use bootinfo::StartInfo;
 
@@ -43,6 +50,7 @@ pub extern "C" fn guest_main(start_info_paddr: u64) -> ! {
             exit(EXIT_BAD_SETUP);
         }
     };
+    heap::init(&start_info);
     let cmdline = start_info.cmdline();
     if cmdline.truncated {
         println!(

@@ -23,7 +23,6 @@ pub unsafe fn outb(port: u16, value: u8) {
 ///
 /// # Safety
 /// As for [`outb`].
-#[allow(dead_code, reason = "for the pci/virtio modules")]
 pub unsafe fn outw(port: u16, value: u16) {
     // SAFETY: as in outb: only the device's side effects matter, the caller's contract.
     unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nostack, preserves_flags)) }
@@ -33,7 +32,6 @@ pub unsafe fn outw(port: u16, value: u16) {
 ///
 /// # Safety
 /// As for [`outb`].
-#[allow(dead_code, reason = "for the pci/virtio modules")]
 pub unsafe fn outl(port: u16, value: u32) {
     // SAFETY: as in outb: only the device's side effects matter, the caller's contract.
     unsafe {
@@ -69,7 +67,6 @@ pub unsafe fn inw(port: u16) -> u16 {
 ///
 /// # Safety
 /// As for [`inb`].
-#[allow(dead_code, reason = "for the pci/virtio modules")]
 pub unsafe fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: `in` writes only EAX; the device's side effects are the caller's contract.

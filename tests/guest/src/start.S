@@ -45,6 +45,7 @@
 	.set MMIO_HOLE_LARGE_PAGE, 0xc0000000 >> 21
 	.set LAPIC_BASE, 0xfee00000
 	.set LAPIC_LARGE_PAGE, 0xfee00000 >> 21
+	.set LAPIC_ID, 0x20
 	.set LAPIC_TPR, 0x80
 	.set LAPIC_EOI, 0xb0
 	.set LAPIC_SVR, 0xf0
@@ -295,6 +296,11 @@ start64:
 	movl	$LAPIC_BASE, %eax
 	movl	$0, LAPIC_TPR(%rax)
 	movl	$LAPIC_SVR_VALUE, LAPIC_SVR(%rax)
+	# Its ID (xAPIC: bits 31:24), for MSI destinations: CPL3 cannot read the
+	# LAPIC page, and CPUID's initial APIC ID is not reliable on PVM.
+	movl	LAPIC_ID(%rax), %ecx
+	shrl	$24, %ecx
+	movl	%ecx, boot_lapic_id(%rip)
 
 	# To CPL3: guest_main(start_info_paddr), RSP + 8 16-byte aligned as
 	# after a call.
@@ -383,6 +389,9 @@ idt_ptr:
 	.globl start_info_paddr
 start_info_paddr:
 	.quad	0
+	.globl boot_lapic_id
+boot_lapic_id:
+	.long	0
 
 	.balign 16
 idt:

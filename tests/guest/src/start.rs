@@ -13,12 +13,21 @@ static IRQ_COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 
 /// How many interrupts with `vector` the guest has taken (and acknowledged
 /// with a LAPIC EOI) so far. Vector 255 (spurious) is never counted.
-#[allow(dead_code, reason = "for the interrupt-driven jobs")]
 pub fn interrupt_count(vector: u8) -> u64 {
     IRQ_COUNTS[usize::from(vector)].load(Ordering::Relaxed)
 }
 
+/// The local APIC ID of the CPU the guest runs on (the destination of its
+/// MSIs), as start.S read it from the LAPIC.
+pub fn lapic_id() -> u8 {
+    // SAFETY: start.S writes boot_lapic_id once at CPL0, before any Rust code
+    // runs, and nothing writes it afterwards; a u32 read of it is in bounds.
+    unsafe { (&raw const boot_lapic_id).read_volatile() as u8 }
+}
+
 extern "C" {
+    /// Written by start.S from the LAPIC ID register (bits 31:24 moved down).
+    static boot_lapic_id: u32;
     /// First byte of the loaded image (link.ld).
     static __image_start: u8;
     /// First byte after the image, .bss included (link.ld).

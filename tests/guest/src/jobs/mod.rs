@@ -2,15 +2,17 @@
 //! command line. A job prints its findings and returns; `main` then writes the
 //! `exit=` code to the debug-exit port.
 
+mod blk_bench;
+mod blk_verify;
 mod echo;
 mod hello;
+mod params;
 
 use crate::bootinfo::{CmdLine, StartInfo};
 
 /// What a job gets to work with.
 pub struct Boot {
     pub start_info: StartInfo,
-    #[allow(dead_code, reason = "for jobs that take parameters")]
     pub cmdline: CmdLine,
 }
 
@@ -19,7 +21,12 @@ pub struct JobFailed;
 
 type Job = fn(&Boot) -> Result<(), JobFailed>;
 
-const JOBS: &[(&str, Job)] = &[("hello", hello::run), ("echo", echo::run)];
+const JOBS: &[(&str, Job)] = &[
+    ("hello", hello::run),
+    ("echo", echo::run),
+    ("blk-verify", blk_verify::run),
+    ("blk-bench", blk_bench::run),
+];
 
 /// The job called `name`, if there is one.
 pub fn find(name: &str) -> Option<Job> {
