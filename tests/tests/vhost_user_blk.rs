@@ -1,0 +1,401 @@
+//! ringvm as a vhost-user-blk frontend: against qemu-storage-daemon (a
+//! backend nobody here wrote) running the test guest's blk-verify, and the
+//! error paths a user meets: no socket, a peer that is not a vhost-user
+//! backend, a backend that dies while the guest runs.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ringvm_tests::blk_pattern::{check_image, parse_verify_ok};
+use ringvm_tests::guest::GUEST_ELF_PATH;
+use ringvm_tests::harness::{binary, find_on_path, run_bounded, RunOutput};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+const SOCKET_WAIT: Duration = Duration::from_secs(20);
+
+/// A qemu-storage-daemon exporting a raw image as vhost-user-blk; killed on drop.
+struct Qsd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Qsd {
+    fn start(image: &Path, socket: &Path, queues: u16) -> Option<Self> {
+        let Some(qsd) = find_on_path("qemu-storage-daemon") else {
+            println!("SKIPPED: qemu-storage-daemon is not installed (package qemu-system-x86)");
+            return None;
+        };
+        let child = Command::new(qsd)
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={},aio=io_uring,cache.direct=off",
+                image.display()
+            ))
+            .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={},node-name=disk0,writable=on,num-queues={queues}",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning qemu-storage-daemon");
+        let deadline = Instant::now() + SOCKET_WAIT;
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not create {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Self {
+            child,
+            socket: socket.to_owned(),
+        })
+    }
+
+    fn disk_arg(&self, extra: &str) -> String {
+        format!("socket={}{extra}", self.socket.display())
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ringvm(args: &[&str]) -> RunOutput {
+    let mut cmd = Command::new(binary("ringvm"));
+    cmd.args(args);
+    run_bounded(cmd, RUN_TIMEOUT, Some("testguest:")).expect("spawning ringvm")
+}
+
+fn image(dir: &Path, bytes: u64) -> PathBuf {
+    let p = dir.join("disk.raw");
+    std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+    p
+}
+
+fn blk_verify_through_qsd(queues: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 64 << 20);
+    let Some(qsd) = Qsd::start(&img, &dir.path().join("qsd.sock"), queues) else {
+        return;
+    };
+    let out = ringvm(&[
+        "--kernel",
+        GUEST_ELF_PATH,
+        "--cmdline",
+        "job=blk-verify",
+        "--disk",
+        &qsd.disk_arg(&format!(",num_queues={queues}")),
+    ]);
+    assert!(out.exited_with(0), "{out}");
+    let ok = format!("queues={queues} ");
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("testguest: blk-verify ok") && l.contains(&ok)),
+        "{out}"
+    );
+}
+
+/// A ringvm-blk serving `image`; killed on drop if still running.
+struct RingvmBlk {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl RingvmBlk {
+    fn start(image: &Path, socket: &Path, extra: &[&str]) -> Self {
+        let child = Command::new(binary("ringvm-blk"))
+            .arg("--image")
+            .arg(image)
+            .arg("--socket")
+            .arg(socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning ringvm-blk");
+        let deadline = Instant::now() + SOCKET_WAIT;
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "ringvm-blk did not create {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            child,
+            socket: socket.to_owned(),
+        }
+    }
+
+    /// Waits for ringvm-blk to exit (it does when its frontend disconnects).
+    fn wait_exit(mut self) -> Option<i32> {
+        let deadline = Instant::now() + SOCKET_WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RingvmBlk {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn blk_verify_through_ringvm_blk(queues: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 32 << 20);
+    let blk = RingvmBlk::start(
+        &img,
+        &dir.path().join("blk.sock"),
+        &["--queues", "4", "--serial", "ringvm-e2e"],
+    );
+    let disk = format!("socket={},num_queues={queues}", blk.socket.display());
+    let out = ringvm(&[
+        "--kernel",
+        GUEST_ELF_PATH,
+        "--cmdline",
+        "job=blk-verify serial=ringvm-e2e seed=0x1234",
+        "--disk",
+        &disk,
+    ]);
+    assert!(out.exited_with(0), "{out}");
+    let report =
+        parse_verify_ok(&out.stdout).unwrap_or_else(|| panic!("no blk-verify ok line\n{out}"));
+    assert_eq!(report.queues, u32::from(queues), "{out}");
+    assert_eq!(report.seed, 0x1234);
+    assert_eq!(
+        report.sectors,
+        (32 << 20) / 512,
+        "the whole 32 MiB disk was covered"
+    );
+    assert_eq!(
+        blk.wait_exit(),
+        Some(0),
+        "ringvm-blk exits 0 when ringvm disconnects"
+    );
+    check_image(&img, &report).unwrap();
+}
+
+#[test]
+fn blk_verify_through_ringvm_blk_one_queue() {
+    blk_verify_through_ringvm_blk(1);
+}
+
+#[test]
+fn blk_verify_through_ringvm_blk_four_queues() {
+    blk_verify_through_ringvm_blk(4);
+}
+
+#[test]
+fn qemu_as_the_frontend_of_ringvm_blk() {
+    let Some(qemu) = ringvm_tests::harness::qemu_path() else {
+        println!("SKIPPED: qemu-system-x86_64 is not installed, so QEMU as a frontend of ringvm-blk was not checked");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 16 << 20);
+    let blk = RingvmBlk::start(
+        &img,
+        &dir.path().join("blk.sock"),
+        &["--queues", "2", "--serial", "from-qemu"],
+    );
+    let accel = if ringvm_tests::harness::kvm_available() {
+        "kvm"
+    } else {
+        "tcg"
+    };
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-accel",
+        accel,
+        "-M",
+        "pc",
+        "-m",
+        "256M",
+        "-nographic",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ])
+    .args([
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-numa",
+        "node,memdev=mem",
+    ])
+    .arg("-chardev")
+    .arg(format!("socket,id=blk0,path={}", blk.socket.display()))
+    .args(["-device", "vhost-user-blk-pci,chardev=blk0,num-queues=2"])
+    .args([
+        "-kernel",
+        GUEST_ELF_PATH,
+        "-append",
+        "job=blk-verify serial=from-qemu exit=3",
+    ])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    let out =
+        run_bounded(cmd, Duration::from_secs(240), Some("testguest:")).expect("spawning qemu");
+    assert_eq!(
+        out.status,
+        ringvm_tests::harness::ExitOutcome::Exited((3 << 1) | 1),
+        "{out}"
+    );
+    let report =
+        parse_verify_ok(&out.stdout).unwrap_or_else(|| panic!("no blk-verify ok line\n{out}"));
+    assert_eq!(report.queues, 2);
+    assert_eq!(blk.wait_exit(), Some(0));
+    check_image(&img, &report).unwrap();
+}
+
+#[test]
+fn blk_verify_through_qemu_storage_daemon_one_queue() {
+    blk_verify_through_qsd(1);
+}
+
+#[test]
+fn blk_verify_through_qemu_storage_daemon_four_queues() {
+    blk_verify_through_qsd(4);
+}
+
+#[test]
+fn more_queues_than_the_backend_serves_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let Some(qsd) = Qsd::start(&img, &dir.path().join("qsd.sock"), 2) else {
+        return;
+    };
+    let out = ringvm(&[
+        "--kernel",
+        GUEST_ELF_PATH,
+        "--cmdline",
+        "job=hello",
+        "--disk",
+        &qsd.disk_arg(",num_queues=4"),
+    ]);
+    assert!(out.exited_with(2), "{out}");
+    assert!(
+        out.stderr.contains("num_queues=4") && out.stderr.contains("serves 2"),
+        "{out}"
+    );
+}
+
+#[test]
+fn missing_socket_is_named_before_the_guest_starts() {
+    let out = ringvm(&[
+        "--kernel",
+        GUEST_ELF_PATH,
+        "--cmdline",
+        "job=hello",
+        "--disk",
+        "socket=/nonexistent/blk.sock",
+    ]);
+    assert!(out.exited_with(2), "{out}");
+    assert!(out.stderr.contains("/nonexistent/blk.sock"), "{out}");
+    assert!(
+        !out.stdout.contains("testguest:"),
+        "the guest must not start\n{out}"
+    );
+}
+
+#[test]
+fn peer_that_is_not_vhost_user_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("http.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        if let Ok((mut c, _)) = listener.accept() {
+            let mut buf = [0u8; 256];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\nnot vhost-user at all");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let spec = format!("socket={}", sock.display());
+    let out = ringvm(&[
+        "--kernel",
+        GUEST_ELF_PATH,
+        "--cmdline",
+        "job=hello",
+        "--disk",
+        &spec,
+    ]);
+    assert!(out.exited_with(2), "{out}");
+    assert!(out.stderr.contains(sock.to_str().unwrap()), "{out}");
+    assert!(out.stderr.contains("vhost-user"), "{out}");
+    server.join().unwrap();
+}
+
+#[test]
+fn backend_death_leaves_the_vm_running() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let Some(mut qsd) = Qsd::start(&img, &dir.path().join("qsd.sock"), 1) else {
+        return;
+    };
+    // job=echo keeps the guest up until it reads a line.
+    let mut vm = Command::new(binary("ringvm"))
+        .args([
+            "--kernel",
+            GUEST_ELF_PATH,
+            "--cmdline",
+            "job=echo",
+            "--disk",
+            &qsd.disk_arg(""),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(vm.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "testguest: echo ready");
+    qsd.child.kill().unwrap();
+    qsd.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        vm.try_wait().unwrap().is_none(),
+        "ringvm must survive its backend"
+    );
+    vm.stdin.take().unwrap().write_all(b"still here\n").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "testguest: echo still here");
+    let status = vm.wait().unwrap();
+    let mut stderr = String::new();
+    vm.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("backend disconnected"),
+        "the loss is logged: {stderr}"
+    );
+}
