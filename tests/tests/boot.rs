@@ -180,7 +180,11 @@ fn memory_too_small_for_the_kernel_is_refused() {
 fn bzimage_larger_than_memory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     // The kernel asks for 64 MiB to decompress itself (init_size).
-    let image = write_temp(dir.path(), "big.bzImage", &testimage::bzimage(0x1000, 64 << 20));
+    let image = write_temp(
+        dir.path(),
+        "big.bzImage",
+        &testimage::bzimage(0x1000, 64 << 20),
+    );
     let out = ringvm(&["--kernel", image.to_str().unwrap(), "--memory", "32M"]);
     assert_bad_input(&out, &["big.bzImage", "raise --memory"]);
 }
