@@ -18,6 +18,13 @@ use crate::memory::GuestRam;
 /// GSIs 0-23 are the IOAPIC pins (0-15 also the PICs); MSI routes start above.
 const IOAPIC_PINS: u32 = 24;
 const PIC_IRQS: u32 = 16;
+/// The in-kernel PIT raises GSI 0; the MADT overrides ISA IRQ 0 to GSI 2.
+const PIT_GSI: u32 = 0;
+const PIT_IOAPIC_PIN: u32 = 2;
+/// The slave 8259 hangs off master pin 2.
+const PIC_CASCADE: u32 = 2;
+/// CPUID.1:ECX bit of the TSC-deadline timer.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// KVM's limit on routing entries.
 const MAX_GSI: u32 = kvm_bindings::KVM_MAX_IRQ_ROUTES as u32 - 1;
 
@@ -157,6 +164,11 @@ impl KvmVm {
             .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(KvmError::SetIdentityMap)?;
         self.vm.create_irq_chip().map_err(KvmError::CreateIrqchip)?;
+        let routes = self.routes.lock().expect("GSI routes lock poisoned");
+        self.vm
+            .set_gsi_routing(&routing_table(&routes.msi))
+            .map_err(KvmError::SetGsiRouting)?;
+        drop(routes);
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -188,10 +200,21 @@ impl KvmVm {
         Ok(())
     }
 
+    /// What KVM can offer a guest. KVM_GET_SUPPORTED_CPUID leaves out the
+    /// TSC-deadline timer, which KVM emulates when it has
+    /// KVM_CAP_TSC_DEADLINE_TIMER: it is added here (as QEMU does), so a
+    /// Linux guest uses the LAPIC in deadline mode rather than calibrating it.
     pub fn supported_cpuid(&self) -> Result<CpuId, KvmError> {
-        self.kvm
+        let mut cpuid = self
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(KvmError::SupportedCpuid)
+            .map_err(KvmError::SupportedCpuid)?;
+        if self.kvm.check_extension(Cap::TscDeadlineTimer) {
+            for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+                e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+            }
+        }
+        Ok(cpuid)
     }
 
     pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, KvmError> {
@@ -253,9 +276,11 @@ impl KvmVm {
     }
 }
 
-/// KVM_SET_GSI_ROUTING replaces the whole table, so it carries KVM's default
-/// irqchip routes (GSI n to IOAPIC pin n, and GSIs 0-15 to the PICs) plus
-/// the MSI routes.
+/// KVM_SET_GSI_ROUTING replaces the whole table, so it carries the irqchip
+/// routes plus the MSI routes. The irqchip routes follow the MADT: ISA IRQ 0
+/// (the PIT) is overridden to GSI 2, so the PIT's GSI 0 reaches IOAPIC pin
+/// 2 and nothing else uses pin 2 (as QEMU routes it); ISA IRQ n reaches pin
+/// n otherwise; GSIs 0-15 but the cascade (2) also reach the 8259s.
 fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> KvmIrqRouting {
     let irqchip = |gsi: u32, chip: u32, pin: u32| {
         let mut e = kvm_irq_routing_entry {
@@ -269,8 +294,12 @@ fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> KvmIrqRouting {
     };
     let mut entries = Vec::with_capacity((IOAPIC_PINS + PIC_IRQS) as usize + msi.len());
     for gsi in 0..IOAPIC_PINS {
-        entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
-        if gsi < PIC_IRQS {
+        match gsi {
+            PIT_GSI => entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, PIT_IOAPIC_PIN)),
+            PIT_IOAPIC_PIN => {}
+            _ => entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
+        }
+        if gsi < PIC_IRQS && gsi != PIC_CASCADE {
             let chip = if gsi < 8 {
                 KVM_IRQCHIP_PIC_MASTER
             } else {
@@ -311,12 +340,27 @@ mod tests {
         );
         let t = routing_table(&msi);
         let e = t.as_slice();
-        assert_eq!(e.len(), 24 + 16 + 1);
+        assert_eq!(
+            e.len(),
+            23 + 15 + 1,
+            "no IOAPIC route for GSI 2, no PIC route for the cascade"
+        );
         let last = e.last().unwrap();
         assert_eq!((last.gsi, last.type_), (24, KVM_IRQ_ROUTING_MSI));
         // SAFETY: the entry was built as an MSI entry just above.
         assert_eq!(unsafe { last.u.msi.data }, 0x41);
         let gsi4: Vec<_> = e.iter().filter(|x| x.gsi == 4).collect();
         assert_eq!(gsi4.len(), 2, "IOAPIC and PIC routes for an ISA IRQ");
+        let pit: Vec<_> = e
+            .iter()
+            .filter(|x| x.gsi == 0 && x.type_ == KVM_IRQ_ROUTING_IRQCHIP)
+            // SAFETY: irqchip entries, filtered on their type just above.
+            .map(|x| unsafe { (x.u.irqchip.irqchip, x.u.irqchip.pin) })
+            .collect();
+        assert_eq!(
+            pit,
+            vec![(KVM_IRQCHIP_IOAPIC, 2), (KVM_IRQCHIP_PIC_MASTER, 0)],
+            "the PIT reaches IOAPIC pin 2"
+        );
     }
 }

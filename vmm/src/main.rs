@@ -2,8 +2,8 @@
 //! are served by vhost-user backends (ringvm-blk, ringvm-net).
 //!
 //! Exit status: the guest's debug-exit value (port 0xf4); 0 when the guest
-//! resets or powers off; 1 on a VM fault or host error; 2 on bad arguments
-//! or input files; 128+N when stopped by signal N.
+//! resets or powers off; 1 on a VM fault, a guest kernel panic or a host
+//! error; 2 on bad arguments or input files; 128+N when stopped by signal N.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,8 +69,10 @@ fn main() -> ExitCode {
     };
     match vm::run(&cfg) {
         Ok(reason) => {
-            if let devices::ExitReason::Fault(what) = &reason {
-                eprintln!("ringvm: VM fault: {what}");
+            match &reason {
+                devices::ExitReason::Fault(what) => eprintln!("ringvm: VM fault: {what}"),
+                devices::ExitReason::GuestPanic(what) => eprintln!("ringvm: guest panic: {what}"),
+                _ => {}
             }
             ExitCode::from(reason.exit_status() as u8)
         }

@@ -18,8 +18,9 @@ use crate::devices::acpi_pm::{Pm1Control, Pm1Event};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::i8042::I8042;
 use crate::devices::pci::{PciBus, PciConfigIo};
+use crate::devices::pvpanic::PvPanic;
 use crate::devices::rtc::Rtc;
-use crate::devices::serial::{SerialConsole, SerialOut};
+use crate::devices::serial::{PanicWatch, SerialConsole, SerialOut};
 use crate::devices::virtio::pci::{VirtioPciDevice, VirtioPciError, BAR_SIZE};
 use crate::devices::virtio::vhost_user::blk::{DiskConfig, VhostUserBlkFrontend};
 use crate::devices::virtio::vhost_user::VhostUserError;
@@ -218,6 +219,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         out if cfg.serial == SerialMode::Stdio => Box::new(Unbuffered(out)),
         out => out,
     };
+    let out: SerialOut = Box::new(PanicWatch::new(out, exit.clone()));
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         serial_irq,
         drained.try_clone().map_err(|source| VmError::EventFd {
@@ -236,6 +238,12 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )?;
     bus(&mut pio, ports::RTC, 2, Arc::new(Mutex::new(Rtc::new())))?;
+    bus(
+        &mut pio,
+        ports::PVPANIC,
+        1,
+        Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
+    )?;
     let (pci, backends) = attach_disks(&kvm, &ram, &cfg.disks)?;
     let pci = Arc::new(pci);
     bus(

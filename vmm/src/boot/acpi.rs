@@ -420,6 +420,7 @@ fn dsdt(cfg: &AcpiConfig) -> Sdt {
     let mut sb = Vec::new();
     com1(&mut sb);
     i8042(&mut sb);
+    pvpanic(&mut sb);
     if cfg.pci {
         pci_root_bridge(&mut sb);
     }
@@ -471,6 +472,27 @@ fn i8042(sink: &mut dyn AmlSink) {
                     &aml::IO::new(ports::I8042_COMMAND, ports::I8042_COMMAND, 1, 1),
                     &IRQ,
                 ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// `Device (PEVT)`: the pvpanic device (QEMU's ACPI id), one I/O port.
+fn pvpanic(sink: &mut dyn AmlSink) {
+    aml::Device::new(
+        "PEVT".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"QEMU0001"),
+            &aml::Name::new("_STA".into(), &0x0fu8),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(
+                    ports::PVPANIC,
+                    ports::PVPANIC,
+                    1,
+                    1,
+                )]),
             ),
         ],
     )

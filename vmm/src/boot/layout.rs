@@ -83,6 +83,8 @@ pub mod ports {
     /// PCI configuration mechanism #1: CONFIG_ADDRESS (0xcf8) and CONFIG_DATA (0xcfc).
     pub const PCI_CONFIG: u16 = 0xcf8;
     pub const PCI_CONFIG_LEN: u16 = 8;
+    /// pvpanic: the guest reports a kernel panic (QEMU's default port).
+    pub const PVPANIC: u16 = 0x505;
     /// Debug-exit port: the guest writes n, ringvm exits with status n
     /// (same place as QEMU's isa-debug-exit iobase=0xf4).
     pub const DEBUG_EXIT: u16 = 0xf4;

@@ -4,6 +4,7 @@ pub mod acpi_pm;
 pub mod debug_exit;
 pub mod i8042;
 pub mod pci;
+pub mod pvpanic;
 pub mod rtc;
 pub mod serial;
 pub mod virtio;
@@ -24,6 +25,9 @@ pub enum ExitReason {
     PowerOff,
     /// A vCPU hit something ringvm cannot continue from.
     Fault(String),
+    /// The guest kernel panicked (pvpanic, or a panic banner on the console
+    /// followed by a reset).
+    GuestPanic(String),
     /// The user asked ringvm to stop (SIGINT, SIGTERM, SIGHUP).
     Signal(i32),
 }
@@ -34,7 +38,7 @@ impl ExitReason {
         match self {
             ExitReason::DebugExit(code) => i32::from(*code),
             ExitReason::Reset | ExitReason::PowerOff => 0,
-            ExitReason::Fault(_) => 1,
+            ExitReason::Fault(_) | ExitReason::GuestPanic(_) => 1,
             ExitReason::Signal(sig) => 128 + sig,
         }
     }
@@ -45,6 +49,9 @@ impl ExitReason {
 /// the loop.
 pub struct ExitSignal {
     reason: Mutex<Option<ExitReason>>,
+    /// A panic seen on the guest console: a reset that follows it is the
+    /// panic's reboot (Linux `panic=N`), not an orderly one.
+    console_panic: Mutex<Option<String>>,
     /// Mirrors `reason.is_some()` so vCPU threads can check it on every exit without a lock.
     requested: AtomicBool,
     event: EventFd,
@@ -54,13 +61,38 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             reason: Mutex::new(None),
+            console_panic: Mutex::new(None),
             requested: AtomicBool::new(false),
             event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         }))
     }
 
+    /// The guest console showed a kernel panic (`line`).
+    pub fn note_console_panic(&self, line: String) {
+        let mut p = self
+            .console_panic
+            .lock()
+            .expect("console panic lock poisoned");
+        if p.is_none() {
+            tracing::warn!("guest kernel panic on the console: {line}");
+            *p = Some(line);
+        }
+    }
+
     /// Records `reason` unless another one came first, and wakes the event loop.
     pub fn request(&self, reason: ExitReason) {
+        let reason = match reason {
+            ExitReason::Reset => match self
+                .console_panic
+                .lock()
+                .expect("console panic lock poisoned")
+                .clone()
+            {
+                Some(line) => ExitReason::GuestPanic(line),
+                None => ExitReason::Reset,
+            },
+            other => other,
+        };
         let mut slot = self.reason.lock().expect("exit reason lock poisoned");
         if slot.is_none() {
             tracing::debug!(?reason, "VM exit requested");
@@ -225,6 +257,19 @@ mod tests {
         assert!(!bus.read(0x61, &mut b));
         assert_eq!(b, [0xff]);
         assert_eq!(dev.lock().unwrap().0, vec![(3, vec![7])]);
+    }
+
+    #[test]
+    fn reset_after_a_console_panic_is_a_panic() {
+        let s = ExitSignal::new().unwrap();
+        s.note_console_panic("Kernel panic - not syncing: No working init found.".into());
+        s.request(ExitReason::Reset);
+        let r = s.reason().unwrap();
+        assert!(
+            matches!(&r, ExitReason::GuestPanic(l) if l.contains("No working init")),
+            "{r:?}"
+        );
+        assert_eq!(r.exit_status(), 1);
     }
 
     #[test]

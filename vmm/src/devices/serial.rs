@@ -39,6 +39,57 @@ impl SerialEvents for InputDrained {
 
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// The banner Linux prints when it panics.
+const LINUX_PANIC_BANNER: &str = "Kernel panic - not syncing";
+/// Longest console line kept for the panic check.
+const LINE_MAX_BYTES: usize = 512;
+
+/// Passes console output through and reports a Linux panic banner to the
+/// ExitSignal, so that the reboot the panic triggers (`panic=N`) ends ringvm
+/// with the guest-panic status rather than as an orderly reset.
+pub struct PanicWatch<W: Write> {
+    out: W,
+    line: Vec<u8>,
+    exit: std::sync::Arc<super::ExitSignal>,
+}
+
+impl<W: Write> PanicWatch<W> {
+    pub fn new(out: W, exit: std::sync::Arc<super::ExitSignal>) -> Self {
+        Self {
+            out,
+            line: Vec::with_capacity(LINE_MAX_BYTES),
+            exit,
+        }
+    }
+
+    fn scan(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.line);
+                if let Some(at) = line.find(LINUX_PANIC_BANNER) {
+                    self.exit
+                        .note_console_panic(line[at..].trim_end().to_owned());
+                }
+                self.line.clear();
+            } else if self.line.len() < LINE_MAX_BYTES {
+                self.line.push(b);
+            }
+        }
+    }
+}
+
+impl<W: Write> Write for PanicWatch<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.scan(buf);
+        // The guest's bytes are seen whether or not the output takes them.
+        self.out.write(buf).or(Ok(buf.len()))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 pub struct SerialConsole {
     uart: Serial<IrqTrigger, InputDrained, SerialOut>,
     /// Set after the first failed write, so a closed stdout logs once.
@@ -124,6 +175,25 @@ mod tests {
             Box::new(buf.clone()),
         );
         (c, buf, irq, drained)
+    }
+
+    #[test]
+    fn panic_banner_is_noticed() {
+        let exit = super::super::ExitSignal::new().unwrap();
+        let buf = SharedBuf::default();
+        let mut w = PanicWatch::new(buf.clone(), exit.clone());
+        w.write_all(b"[    1.0] Run /init as init process\n[    1.2] Kernel pa")
+            .unwrap();
+        w.write_all(b"nic - not syncing: No working init found.\n")
+            .unwrap();
+        exit.request(super::super::ExitReason::Reset);
+        assert_eq!(
+            exit.reason(),
+            Some(super::super::ExitReason::GuestPanic(
+                "Kernel panic - not syncing: No working init found.".into()
+            ))
+        );
+        assert!(String::from_utf8_lossy(&buf.0.lock().unwrap()).contains("Run /init"));
     }
 
     #[test]
