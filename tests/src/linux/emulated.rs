@@ -23,8 +23,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{
-    shell_quote, shell_words, HostMode, L1Report, LinuxHost, LinuxRun, RunSpec, INIT_MARKER,
-    L1_BOOT_BUDGET,
+    shell_quote, shell_words, DiskSpec, HostMode, L1Report, LinuxHost, LinuxRun, RunSpec,
+    DISK_IMAGE, DISK_SOCKET, INIT_MARKER, L1_BOOT_BUDGET,
 };
 use crate::harness::{command_line, run_bounded, ExitOutcome};
 
@@ -49,6 +49,7 @@ const L1_INIT_MARKER: &str = "RINGVM-L1: init ";
 const L1_PREFIX: &str = "RINGVM-L1: ";
 const L2_PREFIX: &str = "RINGVM-L2 ";
 const L2_STDERR_PREFIX: &str = "RINGVM-L2ERR ";
+const BACKEND_PREFIX: &str = "RINGVM-BACKEND ";
 /// GNU timeout's status when the command timed out.
 const TIMEOUT_STATUS: i32 = 124;
 
@@ -56,6 +57,8 @@ pub(super) fn run(
     host: &LinuxHost,
     spec: &RunSpec,
     vmm_argv: &[String],
+    run_dir: &Path,
+    work: &Path,
     timeout: Duration,
 ) -> io::Result<LinuxRun> {
     let started = Instant::now();
@@ -71,13 +74,14 @@ pub(super) fn run(
             "this LinuxHost was prepared for direct mode: it has no L1 initramfs",
         )
     })?;
-    let run_dir = tempfile::Builder::new().prefix("ringvm-l1-").tempdir()?;
-    let work = run_dir.path().join("l1-tmp");
-    fs::create_dir(&work)?;
-    let job = run_dir.path().join("l1-job.sh");
-    fs::write(&job, job_script(&work, vmm_argv, timeout))?;
+    let backend = match spec.disk {
+        Some(disk) => Some((disk, LinuxHost::backend_argv(disk, work)?)),
+        None => None,
+    };
+    let job = run_dir.join("l1-job.sh");
+    fs::write(&job, job_script(work, vmm_argv, backend.as_ref(), timeout))?;
     let job = cmdline_path(&job)?;
-    let work_str = cmdline_path(&work)?;
+    let work_str = cmdline_path(work)?;
 
     let memory_mib = L1_MIN_MEMORY_MIB.max(spec.memory_mib + L1_OVERHEAD_MIB);
     let mut cmd = Command::new(qemu);
@@ -127,6 +131,8 @@ pub(super) fn run(
             vmm_start_uptime: framed.vmm_start_uptime,
             errors: framed.errors,
         }),
+        backend_status: framed.backend_status,
+        backend_log: framed.backend_log,
         wall: started.elapsed(),
     })
 }
@@ -150,7 +156,12 @@ fn cmdline_path(path: &Path) -> io::Result<String> {
 
 /// The script L1 runs in the host root: starts the VMM bounded by `timeout`
 /// in the tmpfs work directory and frames its output.
-fn job_script(work: &Path, vmm_argv: &[String], timeout: Duration) -> String {
+fn job_script(
+    work: &Path,
+    vmm_argv: &[String],
+    backend: Option<&(DiskSpec, Vec<String>)>,
+    timeout: Duration,
+) -> String {
     let mut script = String::from(
         "#!/bin/sh\n\
          # Written by ringvm-tests' linux harness (tests/src/linux/emulated.rs);\n\
@@ -167,6 +178,21 @@ fn job_script(work: &Path, vmm_argv: &[String], timeout: Duration) -> String {
         if let Ok(value) = std::env::var(name) {
             writeln!(script, "export {name}={}", shell_quote(&value)).expect("writing to a String");
         }
+    }
+    if let Some((disk, argv)) = backend {
+        // The disk lives in L1's tmpfs; the backend is up before the VMM.
+        write!(
+            script,
+            r#"truncate -s {size}M "$work/{DISK_IMAGE}"
+{blk} > "$work/backend.log" 2>&1 &
+backend=$!
+n=0
+while [ ! -S "$work/{DISK_SOCKET}" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
+"#,
+            size = disk.size_mib,
+            blk = shell_words(argv),
+        )
+        .expect("writing to a String");
     }
     let secs = timeout.as_secs().max(1);
     let vmm = shell_words(vmm_argv);
@@ -191,6 +217,16 @@ done < "$work/vmm.stderr"
 "#
     )
     .expect("writing to a String");
+    if backend.is_some() {
+        script.push_str(
+            r#"wait $backend
+echo "RINGVM-L1: backend-exit $?"
+while IFS= read -r line || [ -n "$line" ]; do
+    printf 'RINGVM-BACKEND %s\n' "$line"
+done < "$work/backend.log"
+"#,
+        );
+    }
     script
 }
 
@@ -200,6 +236,8 @@ struct Framed {
     l2_console: String,
     vmm_stderr: String,
     l1_console: String,
+    backend_log: String,
+    backend_status: Option<i32>,
     vmm_status: Option<ExitOutcome>,
     to_init: Option<Duration>,
     to_exit: Option<Duration>,
@@ -223,6 +261,11 @@ fn parse_console(stdout: &str) -> Framed {
             }
             continue;
         }
+        if let Some(text) = line.strip_prefix(BACKEND_PREFIX) {
+            framed.backend_log.push_str(text);
+            framed.backend_log.push('\n');
+            continue;
+        }
         if let Some(text) = line.strip_prefix(L2_STDERR_PREFIX) {
             framed.vmm_stderr.push_str(text);
             framed.vmm_stderr.push('\n');
@@ -241,6 +284,7 @@ fn parse_console(stdout: &str) -> Framed {
                 framed.vmm_status = status.parse().ok().map(exit_outcome);
                 framed.to_exit = since(framed.vmm_start_uptime, uptime(up));
             }
+            ["backend-exit", status] => framed.backend_status = status.parse().ok(),
             ["error:", ..] => framed
                 .errors
                 .push(event["error:".len()..].trim().to_owned()),
@@ -337,8 +381,40 @@ RINGVM-L1: job-status 0\r
         let script = job_script(
             Path::new("/tmp/ringvm-l1-x/l1-tmp"),
             &argv,
+            None,
             Duration::from_secs(240),
         );
+        assert!(!script.contains("backend"), "{script}");
+        let blk = (
+            DiskSpec {
+                size_mib: 64,
+                queues: 2,
+            },
+            vec![
+                "/target/ringvm-blk".to_owned(),
+                "--queues".to_owned(),
+                "2".to_owned(),
+            ],
+        );
+        let with_disk = job_script(
+            Path::new("/tmp/ringvm-l1-x/l1-tmp"),
+            &argv,
+            Some(&blk),
+            Duration::from_secs(240),
+        );
+        assert!(
+            with_disk.contains("truncate -s 64M \"$work/disk.raw\""),
+            "{with_disk}"
+        );
+        assert!(
+            with_disk.contains("/target/ringvm-blk --queues 2 > \"$work/backend.log\""),
+            "{with_disk}"
+        );
+        assert!(
+            with_disk.find("backend=$!").unwrap() < with_disk.find("vmm-start").unwrap(),
+            "the backend starts before the VMM\n{with_disk}"
+        );
+        assert!(with_disk.contains("backend-exit"), "{with_disk}");
         assert!(
             script.contains("work=/tmp/ringvm-l1-x/l1-tmp\n"),
             "{script}"

@@ -246,6 +246,21 @@ impl EndAction {
     }
 }
 
+/// A raw image of `size_mib` in the run's work directory (a tmpfs in emulated
+/// mode), served by `ringvm-blk --queues queues` on `blk.sock` there and
+/// attached with `--disk`; the guest sees it as /dev/vda.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub size_mib: u32,
+    pub queues: u16,
+}
+
+/// File names of the disk in the run's work directory.
+pub(crate) const DISK_IMAGE: &str = "disk.raw";
+pub(crate) const DISK_SOCKET: &str = "blk.sock";
+/// How long the backend may take to create its socket.
+const BACKEND_SOCKET_WAIT: Duration = Duration::from_secs(30);
+
 /// One guest boot.
 #[derive(Clone, Debug)]
 pub struct RunSpec {
@@ -259,6 +274,8 @@ pub struct RunSpec {
     pub extra_cmdline: String,
     /// More arguments for the VMM.
     pub vmm_args: Vec<String>,
+    /// A disk served by ringvm-blk next to the VMM (ringvm only).
+    pub disk: Option<DiskSpec>,
     /// Bound of the VMM run; `None` for the mode's default.
     pub timeout: Option<Duration>,
 }
@@ -274,6 +291,7 @@ impl RunSpec {
             end: EndAction::PowerOff,
             extra_cmdline: String::new(),
             vmm_args: Vec::new(),
+            disk: None,
             timeout: None,
         }
     }
@@ -344,6 +362,9 @@ pub struct LinuxRun {
     pub to_exit: Option<Duration>,
     /// The emulated host's side of the run.
     pub l1: Option<L1Report>,
+    /// ringvm-blk's exit status and log, when the run had a disk.
+    pub backend_status: Option<i32>,
+    pub backend_log: String,
     /// The whole run as this process saw it (including L1).
     pub wall: Duration,
 }
@@ -449,6 +470,12 @@ impl fmt::Display for LinuxRun {
         };
         section("guest console (L2, the VMM's stdout)", &self.l2_console)?;
         section("VMM stderr", &self.vmm_stderr)?;
+        if self.backend_status.is_some() || !self.backend_log.is_empty() {
+            section(
+                &format!("ringvm-blk (exit {:?})", self.backend_status),
+                &self.backend_log,
+            )?;
+        }
         if let Some(l1) = &self.l1 {
             section(
                 &format!("L1 console (QEMU {})", l1.qemu_status),
@@ -556,11 +583,44 @@ impl LinuxHost {
     /// whatever the guest or the VMM did is in the [`LinuxRun`].
     pub fn run(&self, spec: &RunSpec) -> io::Result<LinuxRun> {
         let timeout = spec.timeout.unwrap_or_else(|| self.default_timeout());
-        let vmm_argv = self.vmm_argv(spec)?;
-        match self.mode() {
-            HostMode::Direct => self.run_direct(spec, &vmm_argv, timeout),
-            HostMode::Emulated => emulated::run(self, spec, &vmm_argv, timeout),
+        let run_dir = tempfile::Builder::new().prefix("ringvm-linux-").tempdir()?;
+        let work = run_dir.path().join("work");
+        fs::create_dir(&work)?;
+        let mut vmm_argv = self.vmm_argv(spec)?;
+        if let Some(disk) = spec.disk {
+            if spec.vmm != L2Vmm::Ringvm {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "RunSpec::disk needs ringvm as the VMM",
+                ));
+            }
+            vmm_argv.push("--disk".into());
+            vmm_argv.push(format!(
+                "socket={},num_queues={}",
+                work.join(DISK_SOCKET).display(),
+                disk.queues
+            ));
         }
+        match self.mode() {
+            HostMode::Direct => self.run_direct(spec, &vmm_argv, &work, timeout),
+            HostMode::Emulated => {
+                emulated::run(self, spec, &vmm_argv, run_dir.path(), &work, timeout)
+            }
+        }
+    }
+
+    /// The ringvm-blk command line for `disk` in `work`.
+    fn backend_argv(disk: DiskSpec, work: &Path) -> io::Result<Vec<String>> {
+        let blk = harness::try_binary("ringvm-blk")?;
+        Ok(vec![
+            blk.to_string_lossy().into_owned(),
+            "--image".into(),
+            work.join(DISK_IMAGE).to_string_lossy().into_owned(),
+            "--socket".into(),
+            work.join(DISK_SOCKET).to_string_lossy().into_owned(),
+            "--queues".into(),
+            disk.queues.to_string(),
+        ])
     }
 
     /// Program and arguments of the L2 VMM.
@@ -628,12 +688,49 @@ impl LinuxHost {
         &self,
         spec: &RunSpec,
         vmm_argv: &[String],
+        work: &Path,
         timeout: Duration,
     ) -> io::Result<LinuxRun> {
+        let started = Instant::now();
+        let mut backend = match spec.disk {
+            Some(disk) => {
+                fs::File::create(work.join(DISK_IMAGE))?.set_len(u64::from(disk.size_mib) << 20)?;
+                let argv = Self::backend_argv(disk, work)?;
+                let child = Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(fs::File::create(work.join("backend.log"))?)
+                    .spawn()?;
+                let deadline = Instant::now() + BACKEND_SOCKET_WAIT;
+                while !work.join(DISK_SOCKET).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Some(child)
+            }
+            None => None,
+        };
         let mut cmd = Command::new(&vmm_argv[0]);
         cmd.args(&vmm_argv[1..]);
-        let started = Instant::now();
-        let out = run_bounded(cmd, timeout, Some(INIT_MARKER))?;
+        let out = run_bounded(cmd, timeout, Some(INIT_MARKER));
+        let backend_status = backend.as_mut().and_then(|b| {
+            let deadline = Instant::now() + BACKEND_SOCKET_WAIT;
+            loop {
+                match b.try_wait() {
+                    Ok(Some(s)) => return s.code(),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    _ => {
+                        let _ = b.kill();
+                        let _ = b.wait();
+                        return None;
+                    }
+                }
+            }
+        });
+        let backend_log = fs::read_to_string(work.join("backend.log")).unwrap_or_default();
+        let out = out?;
         Ok(LinuxRun {
             mode: HostMode::Direct,
             vmm: spec.vmm,
@@ -644,6 +741,8 @@ impl LinuxHost {
             to_init: out.first_match,
             to_exit: Some(out.elapsed),
             l1: None,
+            backend_status,
+            backend_log,
             wall: started.elapsed(),
         })
     }
@@ -792,6 +891,8 @@ mod tests {
             to_init: None,
             to_exit: None,
             l1: None,
+            backend_status: None,
+            backend_log: String::new(),
             wall: Duration::ZERO,
         }
     }
