@@ -11,7 +11,6 @@
 //! with its reason and left out of the statistics.
 
 use std::fmt::Write as _;
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -456,18 +455,10 @@ fn measure(vmm: Vmm, program: &Path, guest: &Path, run: u32, count: u32) -> RunR
 
 /// Writes through a temporary file so that a reader never sees half a report.
 fn write_json(path: &Path, report: &BootReport) -> Result<(), BootError> {
-    let mut json = serde_json::to_vec_pretty(report)
-        .expect("the report holds only strings, numbers, options and vectors");
-    json.push(b'\n');
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, &json)
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|source| BootError::WriteJson {
-            path: path.to_path_buf(),
-            source,
-        })
+    crate::json::write_atomic(path, report).map_err(|source| BootError::WriteJson {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
