@@ -24,6 +24,8 @@
 //! the guest's cycles are converted with the host's TSC rate, which is the
 //! guest's (DESIGN.md, Environment). The report says which happened.
 
+mod case;
+mod commands;
 mod parse;
 mod report;
 
@@ -34,28 +36,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use thiserror::Error;
 
 use crate::guest::ExportedGuest;
 use crate::host::HostInfo;
 use crate::process::{Finished, Process};
 use crate::tsc::{self, TscRate};
+pub use case::{Case, Completion, Rw, Work};
+use commands::{GUEST_CPUS, GUEST_MEMORY};
 use parse::GuestResult;
 pub use report::BlkReport;
-use report::{CaseReport, Measurement, ProcessCost, RunRecord, RunSlot};
-#[cfg(test)]
-use ringvm_tests::harness;
+use report::{CaseReport, LoadAverage, Measurement, ProcessCost, RunRecord, RunSlot};
 
-/// Guest RAM: the job's buffers (iodepth x jobs x bs, 8 MiB for 1M x 8) and
-/// queues fit many times over.
-const GUEST_MEMORY: &str = "512M";
-/// The guest's job runs on one vCPU, round-robin over its queues.
-const GUEST_CPUS: &str = "1";
-/// The smallest queue the backends are asked for; ringvm's default.
-const MIN_QUEUE_SIZE: u32 = 256;
-/// Descriptors per request without indirect tables: header, data, status.
-const DESCRIPTORS_PER_REQUEST: u32 = 3;
 /// From spawning a backend to its socket appearing.
 const BACKEND_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// From ringvm's exit to the backend's (it finishes the I/O in flight).
@@ -97,163 +89,6 @@ pub enum BlkError {
         #[source]
         source: io::Error,
     },
-}
-
-/// fio's `rw=` workloads that the guest job also runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Rw {
-    Read,
-    Write,
-    Randread,
-    Randwrite,
-    Randrw,
-}
-
-impl Rw {
-    pub fn name(self) -> &'static str {
-        match self {
-            Rw::Read => "read",
-            Rw::Write => "write",
-            Rw::Randread => "randread",
-            Rw::Randwrite => "randwrite",
-            Rw::Randrw => "randrw",
-        }
-    }
-
-    pub fn is_mixed(self) -> bool {
-        self == Rw::Randrw
-    }
-}
-
-/// How the guest learns of completions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Completion {
-    /// Polls the used rings (interrupts suppressed): the guest's fast path.
-    Poll,
-    /// Waits for MSI-X interrupts.
-    Irq,
-}
-
-impl Completion {
-    fn name(self) -> &'static str {
-        match self {
-            Completion::Poll => "poll",
-            Completion::Irq => "irq",
-        }
-    }
-}
-
-/// One workload: the same for the guest and for host fio.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Case {
-    pub rw: Rw,
-    pub bs: u64,
-    pub iodepth: u32,
-    /// Guest jobs = virtqueues = backend queues = fio jobs.
-    pub queues: u32,
-    /// Percent of reads, for `randrw` only.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rwmixread: Option<u32>,
-}
-
-impl Case {
-    /// The cases of the report: 4k randread and randwrite at iodepth 1, 32
-    /// and 128 with 1 and 2 queues, then 1M sequential read and write at
-    /// iodepth 8 with 1 queue.
-    pub fn matrix() -> Vec<Case> {
-        let mut cases = Vec::new();
-        for rw in [Rw::Randread, Rw::Randwrite] {
-            for queues in [1, 2] {
-                for iodepth in [1, 32, 128] {
-                    cases.push(Case {
-                        rw,
-                        bs: 4096,
-                        iodepth,
-                        queues,
-                        rwmixread: None,
-                    });
-                }
-            }
-        }
-        for rw in [Rw::Read, Rw::Write] {
-            cases.push(Case {
-                rw,
-                bs: 1 << 20,
-                iodepth: 8,
-                queues: 1,
-                rwmixread: None,
-            });
-        }
-        cases
-    }
-
-    /// `4k randread iodepth=32 queues=1` (and `rwmixread=N` when mixed).
-    pub fn label(&self) -> String {
-        let mut label = format!(
-            "{} {} iodepth={} queues={}",
-            size_label(self.bs),
-            self.rw.name(),
-            self.iodepth,
-            self.queues
-        );
-        if let Some(mix) = self.rwmixread {
-            label.push_str(&format!(" rwmixread={mix}"));
-        }
-        label
-    }
-
-    /// The virtqueue size both backends are asked for: room for every
-    /// request in flight as three descriptors, so that neither backend has
-    /// to follow indirect tables.
-    pub fn queue_size(&self) -> u32 {
-        (self.iodepth * DESCRIPTORS_PER_REQUEST)
-            .next_power_of_two()
-            .max(MIN_QUEUE_SIZE)
-    }
-
-    fn guest_cmdline(&self, work: Work, completion: Completion) -> String {
-        let mut cmdline = format!(
-            "job=blk-bench rw={} bs={} iodepth={} numjobs={} completion={}",
-            self.rw.name(),
-            self.bs,
-            self.iodepth,
-            self.queues,
-            completion.name()
-        );
-        if let Some(mix) = self.rwmixread {
-            cmdline.push_str(&format!(" rwmixread={mix}"));
-        }
-        match work {
-            Work::Runtime { seconds } => cmdline.push_str(&format!(" runtime={seconds}")),
-            Work::Size { region_bytes } => cmdline.push_str(&format!(" size={region_bytes}")),
-        }
-        cmdline
-    }
-}
-
-/// `4k`, `1M`, `1G`, or bytes.
-pub fn size_label(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "k")];
-    UNITS
-        .iter()
-        .find(|&&(unit, _)| bytes >= unit && bytes % unit == 0)
-        .map_or(bytes.to_string(), |&(unit, suffix)| {
-            format!("{}{suffix}", bytes / unit)
-        })
-}
-
-/// What bounds a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Work {
-    /// Time-based over the whole image (fio's `--runtime --time_based`,
-    /// the guest's `runtime=`).
-    Runtime { seconds: u32 },
-    /// The guest transfers the region `[0, region_bytes)` once per job
-    /// (`size=`); fio stays time-based on the same region (`--size`).
-    Size { region_bytes: u64 },
 }
 
 /// Whether and how to run a baseline.
@@ -434,7 +269,14 @@ impl Session<'_> {
         let mut work = if self.size_based {
             match self.size_region(case) {
                 Ok(region_bytes) => Work::Size { region_bytes },
-                Err(failed) => return CaseReport::failed_probe(*case, failed, load_before),
+                Err(failed) => {
+                    return CaseReport::failed_probe(
+                        *case,
+                        self.options.runtime_s,
+                        failed,
+                        load_before,
+                    )
+                }
             }
         } else {
             Work::Runtime {
@@ -457,11 +299,14 @@ impl Session<'_> {
         CaseReport::new(
             *case,
             work,
+            self.options.runtime_s,
             RunSlot::done(ringvm_blk),
             qsd,
             fio,
-            load_before,
-            load_average(),
+            LoadAverage {
+                before: load_before,
+                after: load_average(),
+            },
         )
     }
 
@@ -569,7 +414,13 @@ impl Session<'_> {
         }
 
         let cmdline = case.guest_cmdline(work, self.options.completion);
-        let vmm_cmd = self.ringvm_command(case, &socket, &cmdline);
+        let vmm_cmd = commands::ringvm(
+            &self.options.ringvm,
+            &self.guest.path,
+            &socket,
+            case,
+            &cmdline,
+        );
         let vmm = Process::spawn("ringvm", vmm_cmd, dir);
         let vmm_done = vmm.and_then(|vmm| vmm.wait(self.run_timeout()));
         let server_done = match backend {
@@ -679,7 +530,14 @@ impl Session<'_> {
 
     fn fio_run(&self, fio: &Path, case: &Case, work: Work) -> RunRecord {
         let label = report::FIO_LABEL;
-        let cmd = fio_command(fio, &self.image, case, work, self.options);
+        let cmd = commands::fio(
+            fio,
+            &self.image,
+            case,
+            work,
+            self.options.runtime_s,
+            self.options.direct,
+        );
         let done = Process::spawn("fio", cmd, self.workdir.path())
             .and_then(|process| process.wait(self.run_timeout()));
         let done = match done {
@@ -734,39 +592,20 @@ impl Session<'_> {
 
     fn backend_command(&self, backend: Backend, case: &Case, socket: &Path) -> Command {
         match backend {
-            Backend::RingvmBlk => {
-                let mut cmd = Command::new(&self.options.ringvm_blk);
-                cmd.arg("--image")
-                    .arg(&self.image)
-                    .arg("--socket")
-                    .arg(socket)
-                    .args(["--queues", &case.queues.to_string()])
-                    .args(["--queue-size", &case.queue_size().to_string()]);
-                if self.options.direct {
-                    cmd.arg("--direct");
-                }
-                // The counters line at exit is logged at info.
-                cmd.env("RUST_LOG", "info");
-                cmd
-            }
+            Backend::RingvmBlk => commands::ringvm_blk(
+                &self.options.ringvm_blk,
+                &self.image,
+                socket,
+                case,
+                self.options.direct,
+            ),
             Backend::Qsd => {
                 let ToolPlan::Run(qsd) = &self.options.qsd else {
                     unreachable!("qsd runs are only made with ToolPlan::Run")
                 };
-                qsd_command(qsd, &self.image, socket, case, self.options.direct)
+                commands::qsd(qsd, &self.image, socket, case, self.options.direct)
             }
         }
-    }
-
-    fn ringvm_command(&self, case: &Case, socket: &Path, cmdline: &str) -> Command {
-        let mut cmd = Command::new(&self.options.ringvm);
-        cmd.arg("--kernel")
-            .arg(&self.guest.path)
-            .args(["--memory", GUEST_MEMORY, "--cpus", GUEST_CPUS])
-            .arg("--disk")
-            .arg(disk_spec(socket, case))
-            .args(["--serial", "stdio", "--cmdline", cmdline]);
-        cmd
     }
 }
 
@@ -810,72 +649,6 @@ fn mismatches(result: &GuestResult, case: &Case, work: Work) -> Vec<String> {
         .filter(|(_, got, wanted)| got != wanted)
         .map(|(what, got, wanted)| format!("the guest ran {what}={got}, asked for {wanted}"))
         .collect()
-}
-
-fn disk_spec(socket: &Path, case: &Case) -> String {
-    format!(
-        "socket={},num_queues={},queue_size={}",
-        socket.display(),
-        case.queues,
-        case.queue_size()
-    )
-}
-
-/// QEMU's option syntax doubles a comma inside a value.
-fn qemu_escape(path: &Path) -> String {
-    path.display().to_string().replace(',', ",,")
-}
-
-fn qsd_command(qsd: &Path, image: &Path, socket: &Path, case: &Case, direct: bool) -> Command {
-    let mut cmd = Command::new(qsd);
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=file0,filename={},aio=io_uring,cache.direct={}",
-            qemu_escape(image),
-            if direct { "on" } else { "off" }
-        ))
-        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={},node-name=disk0,\
-             writable=on,num-queues={}",
-            qemu_escape(socket),
-            case.queues
-        ));
-    cmd
-}
-
-fn fio_command(fio: &Path, image: &Path, case: &Case, work: Work, options: &BlkOptions) -> Command {
-    let mut cmd = Command::new(fio);
-    cmd.arg("--name=host")
-        .arg(format!("--filename={}", image.display()))
-        .arg("--ioengine=io_uring")
-        .arg(format!("--rw={}", case.rw.name()))
-        .arg(format!("--bs={}", case.bs))
-        .arg(format!("--iodepth={}", case.iodepth))
-        .arg(format!("--numjobs={}", case.queues))
-        .arg(format!("--direct={}", u8::from(options.direct)));
-    if let Some(mix) = case.rwmixread {
-        cmd.arg(format!("--rwmixread={mix}"));
-    }
-    // Uniform offsets with repeats, as the guest draws them. Buffers in
-    // shared memory, the kind the backends copy into (guest RAM is a shared
-    // memfd): from tmpfs into malloc'ed buffers, 1M reads run at a third of
-    // the speed here.
-    cmd.arg("--norandommap")
-        .arg("--iomem=mmapshared")
-        .arg(format!("--runtime={}", options.runtime_s))
-        .arg("--time_based");
-    if let Work::Size { region_bytes } = work {
-        cmd.arg(format!("--size={region_bytes}"));
-    }
-    // Percentiles of submission-to-completion latency, as the guest measures.
-    cmd.args([
-        "--lat_percentiles=1",
-        "--group_reporting",
-        "--output-format=json",
-    ]);
-    cmd
 }
 
 /// Allocates the image and writes every byte once, so that reads hit data
@@ -955,125 +728,6 @@ mod tests {
             fio: ToolPlan::Run(PathBuf::from("fio")),
             qsd: ToolPlan::Skip("--no-qsd".to_string()),
         }
-    }
-
-    #[test]
-    fn matrix_is_the_reports_table() {
-        let cases = Case::matrix();
-        let labels: Vec<String> = cases.iter().map(Case::label).collect();
-        assert_eq!(cases.len(), 14);
-        assert_eq!(labels[0], "4k randread iodepth=1 queues=1");
-        assert_eq!(labels[5], "4k randread iodepth=128 queues=2");
-        assert_eq!(labels[11], "4k randwrite iodepth=128 queues=2");
-        assert_eq!(labels[12], "1M read iodepth=8 queues=1");
-        assert_eq!(labels[13], "1M write iodepth=8 queues=1");
-    }
-
-    #[test]
-    fn queue_fits_every_request_without_indirect_tables() {
-        let depth = |iodepth| {
-            Case {
-                iodepth,
-                ..RANDREAD
-            }
-            .queue_size()
-        };
-        assert_eq!(depth(1), 256);
-        assert_eq!(depth(32), 256);
-        assert_eq!(depth(85), 256);
-        assert_eq!(depth(86), 512);
-        assert_eq!(depth(128), 512);
-        assert_eq!(depth(1024), 4096);
-    }
-
-    #[test]
-    fn guest_cmdline_has_fios_names() {
-        assert_eq!(
-            RANDREAD.guest_cmdline(Work::Runtime { seconds: 10 }, Completion::Poll),
-            "job=blk-bench rw=randread bs=4096 iodepth=32 numjobs=1 completion=poll runtime=10"
-        );
-        let mixed = Case {
-            rw: Rw::Randrw,
-            queues: 2,
-            rwmixread: Some(70),
-            ..RANDREAD
-        };
-        assert_eq!(
-            mixed.guest_cmdline(
-                Work::Size {
-                    region_bytes: 1 << 26
-                },
-                Completion::Irq
-            ),
-            "job=blk-bench rw=randrw bs=4096 iodepth=32 numjobs=2 completion=irq rwmixread=70 \
-             size=67108864"
-        );
-        assert_eq!(mixed.label(), "4k randrw iodepth=32 queues=2 rwmixread=70");
-    }
-
-    #[test]
-    fn size_labels() {
-        assert_eq!(size_label(4096), "4k");
-        assert_eq!(size_label(1 << 20), "1M");
-        assert_eq!(size_label(3 << 30), "3G");
-        assert_eq!(size_label(1536), "1536");
-        assert_eq!(size_label(512), "512");
-    }
-
-    #[test]
-    fn baseline_commands_use_the_same_parameters() {
-        let image = Path::new("/dev/shm/d/disk.img");
-        let cmd = fio_command(
-            Path::new("fio"),
-            image,
-            &RANDREAD,
-            Work::Runtime { seconds: 10 },
-            &options(false),
-        );
-        assert_eq!(
-            harness::command_line(&cmd),
-            "fio --name=host --filename=/dev/shm/d/disk.img --ioengine=io_uring --rw=randread \
-             --bs=4096 --iodepth=32 --numjobs=1 --direct=0 --norandommap --iomem=mmapshared \
-             --runtime=10 \
-             --time_based --lat_percentiles=1 --group_reporting --output-format=json"
-        );
-        let two = Case {
-            queues: 2,
-            ..RANDREAD
-        };
-        let cmd = fio_command(
-            Path::new("fio"),
-            image,
-            &two,
-            Work::Size { region_bytes: 4096 },
-            &options(true),
-        );
-        let line = harness::command_line(&cmd);
-        assert!(line.contains(" --numjobs=2 --direct=1 "), "{line}");
-        assert!(line.contains(" --time_based --size=4096 "), "{line}");
-
-        let cmd = qsd_command(
-            Path::new("qemu-storage-daemon"),
-            Path::new("/d,x/disk.img"),
-            Path::new("/d/qsd.sock"),
-            &two,
-            false,
-        );
-        assert_eq!(
-            harness::command_line(&cmd),
-            "qemu-storage-daemon --blockdev driver=file,node-name=file0,\
-             filename=/d,,x/disk.img,aio=io_uring,cache.direct=off --blockdev \
-             driver=raw,node-name=disk0,file=file0 --export type=vhost-user-blk,id=exp0,\
-             addr.type=unix,addr.path=/d/qsd.sock,node-name=disk0,writable=on,num-queues=2"
-        );
-        let big = Case {
-            iodepth: 128,
-            ..two
-        };
-        assert_eq!(
-            disk_spec(Path::new("/d/rb.sock"), &big),
-            "socket=/d/rb.sock,num_queues=2,queue_size=512"
-        );
     }
 
     #[test]

@@ -348,6 +348,13 @@ impl Ratios {
     }
 }
 
+/// /proc/loadavg's first three fields around a case.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LoadAverage {
+    pub before: String,
+    pub after: String,
+}
+
 /// One case: its three runs and their ratios.
 #[derive(Clone, Debug, Serialize)]
 pub struct CaseReport {
@@ -356,40 +363,50 @@ pub struct CaseReport {
     pub queue_size: u32,
     /// None when the probe that sizes a `size=` run failed.
     pub work: Option<Work>,
+    /// `--runtime`: fio's run time, and the guest's unless `work` is `size`.
+    pub runtime_s: u32,
     pub fio: RunSlot,
     pub ringvm_blk: RunSlot,
     pub qsd: RunSlot,
     pub ratios: Ratios,
-    pub load_average_before: String,
-    pub load_average_after: String,
+    pub load_average: LoadAverage,
 }
+
+/// Guest runs shorter than this part of `--runtime` get a note under the
+/// table: a `size=` run covers the image at most once per job.
+const SHORT_RUN_FRACTION: f64 = 0.5;
 
 impl CaseReport {
     pub fn new(
         case: Case,
         work: Work,
+        runtime_s: u32,
         ringvm_blk: RunSlot,
         qsd: RunSlot,
         fio: RunSlot,
-        load_average_before: String,
-        load_average_after: String,
+        load_average: LoadAverage,
     ) -> CaseReport {
         CaseReport {
             label: case.label(),
             queue_size: case.queue_size(),
             case,
             work: Some(work),
+            runtime_s,
             ratios: Ratios::of(&ringvm_blk, &qsd, &fio),
             fio,
             ringvm_blk,
             qsd,
-            load_average_before,
-            load_average_after,
+            load_average,
         }
     }
 
     /// A case whose `size=` probe failed: nothing else was run.
-    pub fn failed_probe(case: Case, probe: Box<RunRecord>, load_average: String) -> CaseReport {
+    pub fn failed_probe(
+        case: Case,
+        runtime_s: u32,
+        probe: Box<RunRecord>,
+        load_average: String,
+    ) -> CaseReport {
         let not_run = || RunSlot::Skipped {
             skipped: "not run: the probe failed".to_string(),
         };
@@ -399,12 +416,15 @@ impl CaseReport {
             queue_size: case.queue_size(),
             case,
             work: None,
+            runtime_s,
             ratios: Ratios::of(&ringvm_blk, &not_run(), &not_run()),
             fio: not_run(),
             ringvm_blk,
             qsd: not_run(),
-            load_average_before: load_average.clone(),
-            load_average_after: load_average,
+            load_average: LoadAverage {
+                before: load_average.clone(),
+                after: load_average,
+            },
         }
     }
 
@@ -486,6 +506,20 @@ impl CaseReport {
                 if let Some(per_io) = &record.per_io {
                     let _ = writeln!(out, "per I/O, {}: {}", record.label, per_io.summary());
                 }
+            }
+        }
+        if let Some(Work::Size { region_bytes }) = self.work {
+            let short = [&self.ringvm_blk, &self.qsd].iter().any(|slot| {
+                slot.ok_measurement()
+                    .is_some_and(|m| m.seconds < f64::from(self.runtime_s) * SHORT_RUN_FRACTION)
+            });
+            if short {
+                let _ = writeln!(
+                    out,
+                    "note: guest runs shorter than --runtime {} s: each job moved the region \
+                     of {region_bytes} bytes once; a larger --size makes them longer",
+                    self.runtime_s
+                );
             }
         }
         out
@@ -717,11 +751,14 @@ mod tests {
         CaseReport::new(
             CASE,
             Work::Runtime { seconds: 10 },
+            10,
             ringvm_blk,
             qsd,
             fio,
-            "1.00 1.00 1.00".to_string(),
-            "1.10 1.00 1.00".to_string(),
+            LoadAverage {
+                before: "1.00 1.00 1.00".to_string(),
+                after: "1.10 1.00 1.00".to_string(),
+            },
         )
     }
 
@@ -850,6 +887,49 @@ mod tests {
              ringvm 10.00, qsd 5.00"
         );
         assert!(report.all_ok());
+    }
+
+    #[test]
+    fn short_size_runs_get_a_note() {
+        let load = LoadAverage {
+            before: "1".to_string(),
+            after: "1".to_string(),
+        };
+        let make = |runtime_s| {
+            CaseReport::new(
+                CASE,
+                Work::Size {
+                    region_bytes: 1 << 30,
+                },
+                runtime_s,
+                ok_run(RINGVM_BLK_LABEL, 160_000.0, 200_000.0, &[]),
+                RunSlot::Skipped {
+                    skipped: "--no-qsd".to_string(),
+                },
+                RunSlot::Skipped {
+                    skipped: "--no-fio".to_string(),
+                },
+                load.clone(),
+            )
+        };
+        // The guest runs take 10 s (see measurement()).
+        let table = make(30).table();
+        assert!(
+            table.contains(
+                "note: guest runs shorter than --runtime 30 s: each job moved the region of \
+                 1073741824 bytes once"
+            ),
+            "{table}"
+        );
+        assert!(table.starts_with(
+            "4k randread iodepth=32 queues=1 (guest size=1073741824 per job (fio time-based on \
+             the same region), queue size 256)"
+        ));
+        assert!(!make(20).table().contains("note:"));
+        let json = serde_json::to_value(make(20)).unwrap();
+        assert_eq!(json["work"]["size"]["region_bytes"], 1u64 << 30);
+        assert_eq!(json["runtime_s"], 20);
+        assert_eq!(json["load_average"]["before"], "1");
     }
 
     #[test]
