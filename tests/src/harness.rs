@@ -114,6 +114,38 @@ pub fn qemu_path() -> Option<PathBuf> {
     find_on_path("qemu-system-x86_64")
 }
 
+/// QEMU booting the test guest with `append` as its command line, the way
+/// the project's QEMU peers run it: `-M pc`, KVM when /dev/kvm can be opened
+/// (TCG otherwise), console on stdio, and isa-debug-exit on the guest's
+/// exit port (QEMU then exits with `(n << 1) | 1`). Callers add devices.
+pub fn qemu_guest_command(qemu: &Path, append: &str) -> Command {
+    let accel = if kvm_available() { "kvm" } else { "tcg" };
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", accel, "-M", "pc", "-nographic", "-kernel"])
+        .arg(crate::guest::GUEST_ELF_PATH)
+        .arg("-append")
+        .arg(append)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    cmd
+}
+
+/// Waits until `path` exists (a backend's socket), at most `timeout`.
+///
+/// # Panics
+///
+/// When it does not appear in time, naming `who` should have created it.
+pub fn wait_for_path(path: &Path, timeout: Duration, who: &str) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{who} did not create {} within {timeout:?}",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Whether `/dev/kvm` can be opened read-write, as a VMM needs to.
 pub fn kvm_available() -> bool {
     OpenOptions::new()

@@ -263,23 +263,7 @@ fn the_same_elf_boots_under_qemu() {
         println!("SKIPPED: qemu-system-x86_64 is not installed, so the QEMU boot of the test guest was not checked");
         return;
     };
-    let accel = if ringvm_tests::harness::kvm_available() {
-        "kvm"
-    } else {
-        "tcg"
-    };
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-accel",
-        accel,
-        "-M",
-        "pc",
-        "-nographic",
-        "-kernel",
-        GUEST_ELF_PATH,
-    ])
-    .args(["-append", "job=hello exit=7"])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    let cmd = ringvm_tests::harness::qemu_guest_command(&qemu, "job=hello exit=7");
     let out = run_bounded(cmd, QEMU_TIMEOUT, Some("testguest:")).expect("spawning qemu");
     // isa-debug-exit makes QEMU exit with (n << 1) | 1.
     assert_eq!(out.status, ExitOutcome::Exited((7 << 1) | 1), "{out}");

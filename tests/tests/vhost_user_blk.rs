@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ringvm_tests::blk_pattern::{check_image, parse_verify_ok};
 use ringvm_tests::guest::GUEST_ELF_PATH;
-use ringvm_tests::harness::{binary, find_on_path, run_bounded, RunOutput};
+use ringvm_tests::harness::{binary, find_on_path, run_bounded, wait_for_path, RunOutput};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 const SOCKET_WAIT: Duration = Duration::from_secs(20);
@@ -45,15 +45,7 @@ impl Qsd {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawning qemu-storage-daemon");
-        let deadline = Instant::now() + SOCKET_WAIT;
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not create {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_path(socket, SOCKET_WAIT, "qemu-storage-daemon");
         Some(Self {
             child,
             socket: socket.to_owned(),
@@ -127,15 +119,7 @@ impl RingvmBlk {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawning ringvm-blk");
-        let deadline = Instant::now() + SOCKET_WAIT;
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "ringvm-blk did not create {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_path(socket, SOCKET_WAIT, "ringvm-blk");
         Self {
             child,
             socket: socket.to_owned(),
@@ -222,40 +206,18 @@ fn qemu_as_the_frontend_of_ringvm_blk() {
         &dir.path().join("blk.sock"),
         &["--queues", "2", "--serial", "from-qemu"],
     );
-    let accel = if ringvm_tests::harness::kvm_available() {
-        "kvm"
-    } else {
-        "tcg"
-    };
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-accel",
-        accel,
-        "-M",
-        "pc",
-        "-m",
-        "256M",
-        "-nographic",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-    ])
-    .args([
-        "-object",
-        "memory-backend-memfd,id=mem,size=256M,share=on",
-        "-numa",
-        "node,memdev=mem",
-    ])
-    .arg("-chardev")
-    .arg(format!("socket,id=blk0,path={}", blk.socket.display()))
-    .args(["-device", "vhost-user-blk-pci,chardev=blk0,num-queues=2"])
-    .args([
-        "-kernel",
-        GUEST_ELF_PATH,
-        "-append",
-        "job=blk-verify serial=from-qemu exit=3",
-    ])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    let mut cmd =
+        ringvm_tests::harness::qemu_guest_command(&qemu, "job=blk-verify serial=from-qemu exit=3");
+    cmd.args(["-m", "256M", "-nodefaults", "-serial", "stdio"])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .arg("-chardev")
+        .arg(format!("socket,id=blk0,path={}", blk.socket.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=blk0,num-queues=2"]);
     let out =
         run_bounded(cmd, Duration::from_secs(240), Some("testguest:")).expect("spawning qemu");
     assert_eq!(
