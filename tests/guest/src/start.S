@@ -302,6 +302,18 @@ start64:
 	shrl	$24, %ecx
 	movl	%ecx, boot_lapic_id(%rip)
 
+	# The TSC rate from the hypervisor timing leaf 0x40000010 (kHz), read
+	# here at CPL0: CPUID at CPL3 is not always intercepted (PVM) and then
+	# reports the host's leaves, not the ones the VMM set.
+	movl	$0x40000000, %eax
+	cpuid
+	cmpl	$0x40000010, %eax
+	jb	2f
+	movl	$0x40000010, %eax
+	cpuid
+	movl	%eax, boot_tsc_khz(%rip)
+2:
+
 	# To CPL3: guest_main(start_info_paddr), RSP + 8 16-byte aligned as
 	# after a call.
 	movq	start_info_paddr(%rip), %rdi
@@ -391,6 +403,9 @@ start_info_paddr:
 	.quad	0
 	.globl boot_lapic_id
 boot_lapic_id:
+	.long	0
+	.globl boot_tsc_khz
+boot_tsc_khz:
 	.long	0
 
 	.balign 16

@@ -25,9 +25,20 @@ pub fn lapic_id() -> u8 {
     unsafe { (&raw const boot_lapic_id).read_volatile() as u8 }
 }
 
+/// The TSC rate in kHz from CPUID 0x40000010 as start.S read it at CPL0,
+/// if the hypervisor has that leaf.
+pub fn hypervisor_tsc_khz() -> Option<u64> {
+    // SAFETY: start.S writes boot_tsc_khz at most once at CPL0, before any
+    // Rust code runs, and nothing writes it afterwards.
+    let khz = unsafe { (&raw const boot_tsc_khz).read_volatile() };
+    (khz != 0).then_some(u64::from(khz))
+}
+
 extern "C" {
     /// Written by start.S from the LAPIC ID register (bits 31:24 moved down).
     static boot_lapic_id: u32;
+    /// Written by start.S from CPUID 0x40000010 EAX (0 when absent).
+    static boot_tsc_khz: u32;
     /// First byte of the loaded image (link.ld).
     static __image_start: u8;
     /// First byte after the image, .bss included (link.ld).

@@ -97,6 +97,9 @@ pub fn rate(rsdp_hint: u64) -> Option<TscRate> {
 }
 
 fn from_hypervisor_leaf() -> Option<u64> {
+    if let Some(khz) = crate::start::hypervisor_tsc_khz() {
+        return Some(khz);
+    }
     if cpuid(1).ecx & CPUID_1_ECX_HYPERVISOR == 0 {
         return None;
     }
