@@ -223,11 +223,21 @@ fn fio_verify(engine: &str) -> String {
     )
 }
 
+/// The disk's PCI function (slot 0 is the host bridge).
+const DISK_PCI_ADDRESS: &str = "0000:00:01.0";
+
 #[test]
 fn stock_kernel_runs_fio_verify_on_a_ringvm_blk_disk() {
     let Some(host) = host() else { return };
+    // Unbinding and binding the virtio-pci driver resets the device after
+    // DRIVER_OK and sets it up again: fio then runs on the re-armed rings.
+    let rebind = format!(
+        "echo {DISK_PCI_ADDRESS} > /sys/bus/pci/drivers/virtio-pci/unbind && \
+         echo {DISK_PCI_ADDRESS} > /sys/bus/pci/drivers/virtio-pci/bind && \
+         cat /sys/block/vda/size"
+    );
     let command = format!(
-        "cat /sys/block/vda/size && {} && {} && echo fio-verify-done",
+        "cat /sys/block/vda/size && {rebind} && {} && {} && echo fio-verify-done",
         fio_verify("io_uring"),
         fio_verify("libaio")
     );
@@ -245,9 +255,9 @@ fn stock_kernel_runs_fio_verify_on_a_ringvm_blk_disk() {
     );
     let lines = run.output_lines().unwrap_or_default();
     assert_eq!(
-        lines.first().copied(),
-        Some("131072"),
-        "/dev/vda is the 64 MiB disk\n{run}"
+        lines.get(..2),
+        Some(&["131072", "131072"][..]),
+        "/dev/vda is the 64 MiB disk, before and after the device reset\n{run}"
     );
     assert_eq!(lines.last().copied(), Some("fio-verify-done"), "{run}");
     // Terse v3: field 5 is the job's error code; both jobs report 0.
