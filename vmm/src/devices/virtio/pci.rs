@@ -369,9 +369,19 @@ impl VirtioPciDevice {
         }
         self.status = value;
         let driver_ok = VIRTIO_CONFIG_S_DRIVER_OK as u8;
-        if value & driver_ok != 0 && old & driver_ok == 0 {
-            self.activate();
+        if value & driver_ok == 0 || old & driver_ok != 0 || self.active {
+            // Not a DRIVER_OK transition, or one after the driver cleared
+            // DRIVER_OK of a running device (only a reset stops it).
+            return;
         }
+        if value & features_ok == 0 {
+            // The driver skipped FEATURES_OK or ignored its refusal: its
+            // features may be ones the device never offered.
+            tracing::warn!(device = %self.name, "DRIVER_OK without accepted features; the device now reports NEEDS_RESET");
+            self.needs_reset();
+            return;
+        }
+        self.activate();
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueState> {
@@ -796,6 +806,54 @@ mod tests {
             "reset restores the defaults"
         );
         assert_eq!(d.stats().activations, 1);
+    }
+
+    #[test]
+    fn driver_ok_without_accepted_features_needs_reset() {
+        // Found by the virtio_pci_registers fuzz target: DRIVER_OK after a
+        // refused FEATURES_OK started the device with unoffered features.
+        let (mut d, seen) = device();
+        let unoffered = 1 << 40 | 1 << VIRTIO_F_VERSION_1;
+        assert_eq!(negotiate(&mut d, unoffered) & 8, 0, "FEATURES_OK refused");
+        w(&mut d, common::DEVICE_STATUS, &[1 | 2 | 8 | 4]);
+        assert!(seen.lock().unwrap().activations.is_empty());
+        let status = r8(&mut d, common::DEVICE_STATUS);
+        assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET as u8, 0);
+        assert_eq!(status & 8, 0);
+        // Without FEATURES_OK at all.
+        w(&mut d, common::DEVICE_STATUS, &[0]);
+        w(&mut d, common::DEVICE_STATUS, &[1 | 2 | 4]);
+        assert!(seen.lock().unwrap().activations.is_empty());
+        assert_ne!(
+            r8(&mut d, common::DEVICE_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET as u8,
+            0
+        );
+        // A reset and a proper negotiation start it.
+        w(&mut d, common::DEVICE_STATUS, &[0]);
+        negotiate(&mut d, FAKE_FEATURES);
+        w(&mut d, common::DEVICE_STATUS, &[1 | 2 | 8 | 4]);
+        assert_eq!(seen.lock().unwrap().activations.len(), 1);
+        assert_eq!(
+            r8(&mut d, common::DEVICE_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET as u8,
+            0
+        );
+    }
+
+    #[test]
+    fn driver_ok_set_again_does_not_start_a_running_device_twice() {
+        // Found by the virtio_pci_registers fuzz target: clearing DRIVER_OK
+        // and setting it again activated the device a second time.
+        let (mut d, seen) = device();
+        negotiate(&mut d, FAKE_FEATURES);
+        w(&mut d, common::DEVICE_STATUS, &[1 | 2 | 8 | 4]);
+        w(&mut d, common::DEVICE_STATUS, &[1 | 2 | 8]);
+        w(&mut d, common::DEVICE_STATUS, &[1 | 2 | 8 | 4]);
+        assert_eq!(seen.lock().unwrap().activations.len(), 1);
+        w(&mut d, common::DEVICE_STATUS, &[0]);
+        assert_eq!(seen.lock().unwrap().resets, 1);
+        negotiate(&mut d, FAKE_FEATURES);
+        w(&mut d, common::DEVICE_STATUS, &[1 | 2 | 8 | 4]);
+        assert_eq!(seen.lock().unwrap().activations.len(), 2);
     }
 
     #[test]
