@@ -43,6 +43,14 @@ pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// are counted and their number logged with the next one).
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Passes over the available ring per kick. Each pass takes at most a
+/// queue's worth of chains; another pass follows only when chains arrived
+/// meanwhile. Past this many the worker kicks itself and returns to its
+/// event loop, so that neither a busy guest nor a ring that the device's
+/// own writes keep changing (rings overlapping each other or a buffer) can
+/// hold the queue's thread, which GET_VRING_BASE and the exit need.
+const MAX_PASSES_PER_KICK: u32 = 4;
+
 const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
 const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 
@@ -184,7 +192,8 @@ impl QueueWorker {
     }
 
     /// The guest kicked (or the queue was enabled): serve every available
-    /// chain and submit them as one batch.
+    /// chain and submit them as one batch. After `MAX_PASSES_PER_KICK`
+    /// passes over the ring the rest waits for the kick this leaves.
     pub fn on_kick(&mut self, vring: &Vring) {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
@@ -195,7 +204,9 @@ impl QueueWorker {
         inc(&self.counters.kicks);
         let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
+        let mut passes = 0;
         loop {
+            passes += 1;
             if let Err(err) = state.disable_notification() {
                 self.warn(format_args!("cannot disable notifications: {err}"));
             }
@@ -214,7 +225,13 @@ impl QueueWorker {
             }
             match state.enable_notification() {
                 // More chains arrived while notifications were off.
-                Ok(true) => continue,
+                Ok(true) if passes < MAX_PASSES_PER_KICK => continue,
+                Ok(true) => {
+                    if let Err(err) = kick_again(&state) {
+                        self.warn(format_args!("cannot kick the queue again: {err}"));
+                    }
+                    break;
+                }
                 Ok(false) => break,
                 Err(err) => {
                     self.warn(format_args!("cannot enable notifications: {err}"));
@@ -580,6 +597,22 @@ impl QueueWorker {
     }
 }
 
+/// Signals the vring's kick eventfd, so that the worker thread's event
+/// loop calls `on_kick` again after its other events.
+fn kick_again(state: &VringState<GuestRamAtomic>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let Some(kick) = state.get_kick() else {
+        return Ok(());
+    };
+    // SAFETY: the descriptor is the vring's kick eventfd, which `state`
+    // keeps open while it is borrowed here; eventfd_write passes the value,
+    // no pointer.
+    if unsafe { libc::eventfd_write(kick.as_raw_fd(), 1) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Writes a status byte; returns 1, or 0 if guest memory refused it.
 fn write_status(mem: &GuestRam, addr: GuestAddress, status: u8) -> u32 {
     u32::from(mem.write_obj(status, addr).is_ok())
@@ -605,7 +638,7 @@ mod tests {
         VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
         VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     };
-    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -1194,6 +1227,39 @@ mod tests {
         h.add(&[readable(HDR, 16), writable(STATUS, 1)]);
         h.kick();
         assert_eq!(h.used().len(), 5);
+    }
+
+    #[test]
+    fn a_ring_the_device_rewrites_does_not_hold_the_worker() {
+        // Found by the virtqueue fuzz target: with the used ring's flags on
+        // the available index, disabling notifications makes one chain
+        // available and enabling them takes it back, so "more chains
+        // arrived" held forever and on_kick never returned.
+        let mut h = Harness::new(EngineKind::Sync);
+        let (avail, used) = (USED - 2, USED);
+        h.vring.set_queue_info(DESC_TABLE, avail, used).unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: into_raw_fd hands over a descriptor that nothing else
+        // owns; the File takes it.
+        let kick_file = unsafe { File::from_raw_fd(kick.try_clone().unwrap().into_raw_fd()) };
+        h.vring.set_kick(Some(kick_file));
+        // The available ring's first entry is the used index: head 0.
+        write_header(&h.ram(), HDR, VIRTIO_BLK_T_FLUSH, 0);
+        let ram = h.ram();
+        let chain = [
+            (HDR, 16, VRING_DESC_F_NEXT as u16),
+            (STATUS, 1, VRING_DESC_F_WRITE as u16),
+        ];
+        for (index, (addr, len, flags)) in chain.into_iter().enumerate() {
+            let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 1));
+            ram.write_obj(raw, GuestAddress(DESC_TABLE + 16 * index as u64))
+                .unwrap();
+        }
+        h.fill(STATUS, 1, 0xee);
+        h.kick();
+        assert_eq!(h.byte(STATUS), ok(), "the chain was served");
+        assert_eq!(h.counter(|c| &c.flushes), 1);
+        assert_eq!(kick.read().unwrap(), 1, "the worker kicked itself");
     }
 
     #[test]
