@@ -139,24 +139,8 @@ impl BlkBackend {
         counters: &Counters,
     ) -> Result<Self, BackendError> {
         let capacity_sectors = image.capacity_sectors();
-        let seg_max = u32::from(options.queue_size)
-            .saturating_sub(2)
-            .clamp(1, MAX_SEG_MAX);
-        let limits = RequestLimits {
-            capacity_sectors,
-            seg_max,
-            max_discard_sectors: MAX_ZEROING_SECTORS,
-            max_discard_seg: MAX_ZEROING_SEGMENTS,
-            max_write_zeroes_sectors: MAX_ZEROING_SECTORS,
-            max_write_zeroes_seg: MAX_ZEROING_SEGMENTS,
-            readonly: options.readonly,
-        };
-        let mut serial = [0u8; ID_BYTES];
-        if let Some(id) = &options.serial {
-            let len = id.len().min(ID_BYTES);
-            serial[..len].copy_from_slice(&id.as_bytes()[..len]);
-        }
-        let settings = QueueSettings { limits, serial };
+        let settings = queue_settings(capacity_sectors, options);
+        let seg_max = settings.limits.seg_max;
 
         let mut features = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
@@ -243,6 +227,30 @@ impl BlkBackend {
             .filter_map(|queue| self.worker(queue).map(|mut w| w.stop()))
             .sum()
     }
+}
+
+/// What every queue of a device with `options` serves: the limits its
+/// config space promises and its GET_ID answer. Public for the fuzz targets,
+/// which build queue workers as [`BlkBackend::new`] does.
+pub fn queue_settings(capacity_sectors: u64, options: &BlkOptions) -> QueueSettings {
+    let seg_max = u32::from(options.queue_size)
+        .saturating_sub(2)
+        .clamp(1, MAX_SEG_MAX);
+    let limits = RequestLimits {
+        capacity_sectors,
+        seg_max,
+        max_discard_sectors: MAX_ZEROING_SECTORS,
+        max_discard_seg: MAX_ZEROING_SEGMENTS,
+        max_write_zeroes_sectors: MAX_ZEROING_SECTORS,
+        max_write_zeroes_seg: MAX_ZEROING_SEGMENTS,
+        readonly: options.readonly,
+    };
+    let mut serial = [0u8; ID_BYTES];
+    if let Some(id) = &options.serial {
+        let len = id.len().min(ID_BYTES);
+        serial[..len].copy_from_slice(&id.as_bytes()[..len]);
+    }
+    QueueSettings { limits, serial }
 }
 
 /// The config space as the guest reads it (virtio 1.2, 5.2.4; the fields
