@@ -42,6 +42,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -50,7 +51,9 @@ use vmm_sys_util::event::{
 use crate::counters::Counters;
 use crate::engine::{best_engine, EngineError};
 use crate::image::ImageFormat;
-use crate::queue::{engine_files, GuestRamAtomic, QueueSettings, QueueWorker, Vring, ID_BYTES};
+use crate::queue::{
+    engine_files, GuestRam, GuestRamAtomic, QueueSettings, QueueWorker, Vring, ID_BYTES,
+};
 use crate::request::{RequestLimits, SECTOR_BYTES, SECTOR_SHIFT};
 
 /// Largest DISCARD/WRITE_ZEROES segment: 2 GiB. fallocate(2) takes any size
@@ -253,6 +256,34 @@ pub fn queue_settings(capacity_sectors: u64, options: &BlkOptions) -> QueueSetti
     QueueSettings { limits, serial }
 }
 
+/// Every region mapped from a regular file (memfd, tmpfs, hugetlbfs) must
+/// lie within it.
+fn check_memory_files(mem: &GuestRam) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(file_offset) = region.file_offset() else {
+            continue;
+        };
+        let meta = file_offset.file().metadata()?;
+        if !meta.is_file() {
+            continue;
+        }
+        let end = file_offset.start().checked_add(region.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the region at guest address {:#x} maps {} bytes from offset {} of a file of {} bytes",
+                    region.start_addr().0,
+                    region.len(),
+                    file_offset.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The config space as the guest reads it (virtio 1.2, 5.2.4; the fields
 /// were stored little-endian).
 fn config_bytes(config: &virtio_blk_config) -> Vec<u8> {
@@ -315,9 +346,21 @@ impl VhostUserBackend for BlkBackend {
     }
 
     /// The workers read guest memory through the same `GuestMemoryAtomic`
-    /// the crate has just updated; nothing to do.
-    fn update_memory(&self, _mem: GuestRamAtomic) -> io::Result<()> {
-        Ok(())
+    /// the crate has just updated; what is left is to check it.
+    /// vhost-user-backend 0.24 maps each region of the frontend's table as
+    /// given (vm-memory 0.18 does not check the file's length), so a region
+    /// that reaches past the end of its file would kill the process with
+    /// SIGBUS at the first access to that part. Such a table is refused and
+    /// replaced by no memory at all; the error ends the connection.
+    fn update_memory(&self, mem: GuestRamAtomic) -> io::Result<()> {
+        let Err(err) = check_memory_files(&mem.memory()) else {
+            return Ok(());
+        };
+        mem.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(GuestRam::new());
+        warn!("refused the frontend's memory table: {err}");
+        Err(err)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -501,6 +544,40 @@ mod tests {
             config_u32(&backend, offset_of!(virtio_blk_config, seg_max)),
             1
         );
+    }
+
+    #[test]
+    fn memory_regions_past_the_end_of_their_file_are_refused() {
+        // Found by the vhost_user_messages fuzz target: a SET_MEM_TABLE
+        // region longer than its memfd was mapped, and the next access to
+        // the ring (SET_VRING_ADDR reads the used index) died of SIGBUS.
+        use vm_memory::{FileOffset, GuestAddress};
+        let (_tmp, backend) = new_backend(&options());
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(64 << 10).unwrap();
+        let ram = |len: usize, offset: u64| {
+            let ranges = [(
+                GuestAddress(0x10_0000),
+                len,
+                Some(FileOffset::new(file.try_clone().unwrap(), offset)),
+            )];
+            GuestRamAtomic::new(GuestRam::from_ranges_with_files(ranges).unwrap())
+        };
+        let fits = ram(32 << 10, 32 << 10);
+        backend.update_memory(fits.clone()).unwrap();
+        assert_eq!(fits.memory().num_regions(), 1);
+        for (len, offset) in [(128 << 10, 0), (64 << 10, 4096)] {
+            let past = ram(len, offset);
+            let err = backend.update_memory(past.clone()).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "the region at guest address 0x100000 maps {len} bytes from offset {offset} \
+                     of a file of 65536 bytes"
+                )
+            );
+            assert_eq!(past.memory().num_regions(), 0, "no memory left to fault on");
+        }
     }
 
     #[test]
