@@ -81,6 +81,16 @@ fn serial() -> MutexGuard<'static, ()> {
 fn boot(host: &LinuxHost, spec: &RunSpec) -> LinuxRun {
     let _one = serial();
     let run = host.run(spec).expect("starting the Linux guest run");
+    // Known intermittent failure (seen once in a CI run, not yet explained):
+    // in the emulated host, the guest printed nothing at all (the console is
+    // quiet until /init) and the run hit its time limit. Such a run is shown
+    // in full and retried once; a second one fails the test.
+    let run = if run.l2_console.is_empty() && run.vmm_status.is_none() {
+        eprintln!("RETRY: the guest printed nothing before the time limit; retrying once. First run:\n{run}");
+        host.run(spec).expect("starting the Linux guest run")
+    } else {
+        run
+    };
     if std::env::var_os(SHOW_ENV).is_some() {
         eprintln!("{run}");
     } else {
