@@ -181,8 +181,11 @@ impl BlkBackend {
         let mut workers = Vec::with_capacity(usize::from(options.num_queues));
         let mut completion_fds = Vec::with_capacity(usize::from(options.num_queues));
         for queue in 0..options.num_queues {
-            let (engine, why_not_uring) = best_engine(&engine_files(&*image), entries)
-                .map_err(|source| BackendError::Engine { queue, source })?;
+            let (engine, why_not_uring) = match image.queue_engine() {
+                Some(engine) => engine.map(|engine| (engine, None)),
+                None => best_engine(&engine_files(&*image), entries),
+            }
+            .map_err(|source| BackendError::Engine { queue, source })?;
             if let Some(err) = why_not_uring {
                 warn!(
                     queue,

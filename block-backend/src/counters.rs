@@ -7,8 +7,9 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use crate::image::qcow2::ImageCounters;
 use crate::request::BadRequestKind;
 
 /// The counters of one virtqueue. They outlive connections: a backend that
@@ -77,6 +78,8 @@ pub struct Counters {
     /// Frontends served, and frontends refused while one was connected.
     pub frontends: AtomicU64,
     pub frontends_refused: AtomicU64,
+    /// The image format's own counters (qcow2), printed after the others.
+    pub image: OnceLock<Arc<ImageCounters>>,
 }
 
 impl Counters {
@@ -130,6 +133,11 @@ impl Counters {
             "frontends_refused",
             self.frontends_refused.load(Ordering::Relaxed),
         );
+        if let Some(image) = self.image.get() {
+            for (name, value) in image.values() {
+                push(name, value);
+            }
+        }
         CountersSnapshot { values }
     }
 }

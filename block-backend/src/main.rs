@@ -244,6 +244,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let counters = Counters::new(usize::from(args.queues));
+    if let Some(image_counters) = image.counters() {
+        let _ = counters.image.set(image_counters);
+    }
     let config = DaemonConfig {
         socket,
         keep_listening: args.keep_listening,

@@ -63,7 +63,8 @@ impl IoVec {
     }
 }
 
-/// What `fallocate(2)` does to a range; the file size never changes.
+/// What `fallocate(2)` does to a range; the file size never changes, except
+/// with [`FallocateMode::Grow`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FallocateMode {
     /// Deallocate: the range reads as zeroes afterwards.
@@ -72,16 +73,19 @@ pub enum FallocateMode {
     ZeroRange,
     /// Allocate the range (holes become allocated zeroes).
     Allocate,
+    /// Allocate the range and grow the file to its end if it is shorter
+    /// (qcow2: a new cluster past the end of the image file).
+    Grow,
 }
 
 impl FallocateMode {
     fn flags(self) -> i32 {
-        libc::FALLOC_FL_KEEP_SIZE
-            | match self {
-                FallocateMode::PunchHole => libc::FALLOC_FL_PUNCH_HOLE,
-                FallocateMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE,
-                FallocateMode::Allocate => 0,
-            }
+        match self {
+            FallocateMode::PunchHole => libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
+            FallocateMode::ZeroRange => libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_ZERO_RANGE,
+            FallocateMode::Allocate => libc::FALLOC_FL_KEEP_SIZE,
+            FallocateMode::Grow => 0,
+        }
     }
 }
 

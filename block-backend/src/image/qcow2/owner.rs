@@ -1,0 +1,782 @@
+//! The owner thread of a qcow2 image: the only thread that touches
+//! qcow2-rs's state.
+//!
+//! qcow2-rs's `Qcow2Dev` is not Send (its futures hold `Rc`s and its caches
+//! are shared through non-atomic cells), so one thread per image owns it,
+//! and the queue workers send it requests ([`super::engine`]). Why one owner
+//! rather than a metadata owner plus per-queue data paths: a queue that
+//! wrote through a mapping it had cached could race with a discard freeing
+//! that cluster and an allocation reusing it, and write one guest block's
+//! data into another's cluster. With one owner, qcow2-rs's own locks order
+//! every mapping change against every I/O, and the data still goes zero copy
+//! between guest memory and the file through the owner's io_uring.
+//!
+//! The thread runs a single-threaded executor (`futures::LocalPool`): one
+//! task per request, each awaiting qcow2-rs, whose I/O completes on the
+//! owner's ring ([`super::io`]). A request that allocates (metadata reads,
+//! refcount updates) only suspends its own task: other requests go on.
+//!
+//! Defects of qcow2-rs handled here:
+//! - **No discard or write-zeroes with unmap.** A DISCARD of whole clusters
+//!   is a barrier: the owner waits for the requests in flight, has qcow2-rs
+//!   write its dirty tables, drops it (and its caches), rewrites the L2
+//!   entries and refcounts itself in a crash-safe order
+//!   ([`super::meta::unmap`]), and opens the image again.
+//! - **Unvalidated table entries.** The image was scanned at open
+//!   ([`super::meta::scan`]); a request touching a cluster whose entry
+//!   failed validation never reaches qcow2-rs: it gets IOERR and the image
+//!   is marked corrupt, so no write can follow a bad entry onto metadata.
+//! - **Panics.** Each task is polled under `catch_unwind`. A task that
+//!   panics is leaked, not dropped (its I/O may still be in flight into its
+//!   buffers), its request gets IOERR, and from then on every request does:
+//!   qcow2-rs's locks and caches can no longer be trusted.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::future::Future;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+
+use futures::executor::LocalPool;
+use futures::task::LocalSpawnExt;
+use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
+use qcow2_rs::error::Qcow2Result;
+use qcow2_rs::meta::{MappingSource, Qcow2Header};
+use tracing::{error, info, warn};
+
+use super::engine::{Inbox, Mailbox, Request, VirtualOp};
+use super::io::{ImageCounters, IoCore, RingIo};
+use super::meta::{self, BadClusters, Qcow2Layout, UnmapMode};
+use crate::engine::{best_engine, Completion, IoVec};
+use crate::image::ImageError;
+
+type Dev = Qcow2Dev<RingIo>;
+
+/// io_uring entries of the owner's ring.
+const RING_ENTRIES: u32 = 256;
+/// Sector size qcow2-rs works in (its `bs_bits`).
+const BLOCK_BITS: u8 = 9;
+const BLOCK_BYTES: usize = 1 << BLOCK_BITS;
+/// Zeroes are written in pieces of at most this size.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// The largest qcow2 header qcow2-rs parses (header plus extensions).
+const HEADER_READ_BYTES: usize = 64 << 10;
+
+/// One image of the chain: the top image first, then its backing files.
+pub struct ChainImage {
+    pub path: PathBuf,
+    pub file: File,
+    pub layout: Qcow2Layout,
+}
+
+/// What the owner thread is started with.
+pub struct OwnerConfig {
+    pub chain: Vec<ChainImage>,
+    pub bad: BadClusters,
+    pub readonly: bool,
+    pub counters: Arc<ImageCounters>,
+}
+
+/// The handle the image keeps: dropping it stops the thread, after it has
+/// answered what was queued and written its metadata.
+pub struct Owner {
+    inbox: Arc<Inbox>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owner").finish_non_exhaustive()
+    }
+}
+
+impl Owner {
+    /// Starts the thread and opens the image in it; returns once it is open.
+    pub fn start(config: OwnerConfig) -> Result<Owner, ImageError> {
+        let path = config.chain[0].path.clone();
+        let inbox = Arc::new(Inbox::new().map_err(|source| ImageError::Open {
+            path: path.clone(),
+            source,
+        })?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (opened_tx, opened_rx) = mpsc::channel();
+        let thread = {
+            let inbox = Arc::clone(&inbox);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("qcow2-owner".into())
+                .spawn(move || run(config, inbox, stop, opened_tx))
+                .map_err(|source| ImageError::Open {
+                    path: path.clone(),
+                    source,
+                })?
+        };
+        match opened_rx.recv() {
+            Ok(Ok(())) => Ok(Owner {
+                inbox,
+                stop,
+                thread: Mutex::new(Some(thread)),
+            }),
+            Ok(Err(message)) => {
+                let _ = thread.join();
+                Err(ImageError::Qcow2 { path, message })
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(ImageError::Qcow2 {
+                    path,
+                    message: "the qcow2 owner thread died while opening the image".into(),
+                })
+            }
+        }
+    }
+
+    pub fn inbox(&self) -> Arc<Inbox> {
+        Arc::clone(&self.inbox)
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.inbox.event.write(1);
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Drives `fut` to completion on this thread, waiting on the ring when it
+/// is pending (opening and closing, when no other request runs).
+fn drive<F: Future>(core: &IoCore, fut: F) -> F::Output {
+    let mut fut = pin!(fut);
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(value) = fut.as_mut().poll(&mut cx) {
+            return value;
+        }
+        if let Err(err) = core.wait() {
+            error!("qcow2: cannot wait for I/O: {err}");
+        }
+        core.dispatch();
+    }
+}
+
+/// Builds the qcow2-rs device for the chain (without loading its tables).
+fn build_dev(core: &Rc<IoCore>, chain: &[ChainImage], readonly: bool) -> Result<Dev, String> {
+    let mut below: Option<Dev> = None;
+    for (slot, image) in chain.iter().enumerate().rev() {
+        let is_backing = slot > 0;
+        let mut buf = vec![0u8; HEADER_READ_BYTES];
+        let len = read_prefix(&image.file, &mut buf)
+            .map_err(|err| format!("{}: cannot read the header: {err}", image.path.display()))?;
+        buf.truncate(len.max(BLOCK_BYTES));
+        buf.resize(
+            HEADER_READ_BYTES.min(buf.len().next_multiple_of(BLOCK_BYTES)),
+            0,
+        );
+        // Our own parser validated this header (meta::read_layout): qcow2-rs
+        // only sees headers it can parse without panicking.
+        let header = Qcow2Header::from_buf(&buf)
+            .map_err(|err| format!("{}: {err:?}", image.path.display()))?;
+        let params = Qcow2DevParams::new(BLOCK_BITS, None, None, readonly || is_backing, false);
+        if is_backing {
+            params.mark_backing_dev(Some(true));
+        }
+        let io = RingIo::new(Rc::clone(core), (2 * slot) as u32);
+        let mut dev = Dev::new(&image.path, header, &params, io)
+            .map_err(|err| format!("{}: {err:?}", image.path.display()))?;
+        if let Some(backing) = below.take() {
+            dev.set_backing_dev(Box::new(backing));
+        }
+        below = Some(dev);
+    }
+    below.ok_or_else(|| "empty image chain".to_string())
+}
+
+fn read_prefix(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
+}
+
+/// Builds and loads the device, containing panics of qcow2-rs.
+async fn open_dev(core: &Rc<IoCore>, chain: &[ChainImage], readonly: bool) -> Result<Dev, String> {
+    let dev = catch_unwind(AssertUnwindSafe(|| build_dev(core, chain, readonly)))
+        .map_err(|_| "qcow2-rs panicked while parsing the header".to_string())??;
+    match (Contained {
+        fut: Some(Box::pin(async {
+            dev.qcow2_prep_io().await.map_err(|err| format!("{err:?}"))
+        })),
+    })
+    .await
+    {
+        Some(Ok(())) => Ok(dev),
+        Some(Err(err)) => Err(format!("cannot load the L1 and refcount tables: {err}")),
+        None => Err("qcow2-rs panicked while loading the tables".into()),
+    }
+}
+
+/// Polls the future under `catch_unwind`; a future that panics is leaked
+/// rather than dropped (the kernel may still be reading into its buffers)
+/// and the result is `None`.
+struct Contained<'a, T> {
+    fut: Option<Pin<Box<dyn Future<Output = T> + 'a>>>,
+}
+
+impl<T> Future for Contained<'_, T> {
+    type Output = Option<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let Some(fut) = self.fut.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Ready(value)) => {
+                self.fut = None;
+                Poll::Ready(Some(value))
+            }
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => {
+                std::mem::forget(self.fut.take());
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+/// The owner thread's state, shared by its tasks.
+struct State {
+    core: Rc<IoCore>,
+    chain: Vec<ChainImage>,
+    bad: BadClusters,
+    readonly: bool,
+    dev: RefCell<Option<Rc<Dev>>>,
+    cluster_bits: u32,
+    /// A panic, or the image could not be opened again after a discard:
+    /// every request fails.
+    failed: Cell<bool>,
+    /// Writing metadata failed (a full disk): FLUSH fails from now on, and
+    /// writes are served only where no allocation is needed.
+    metadata_failed: Cell<bool>,
+    corrupt_marked: Cell<bool>,
+    /// Tasks started and not finished.
+    running: Cell<usize>,
+    /// A barrier task runs: nothing else starts.
+    barrier: Cell<bool>,
+    finished: RefCell<Vec<(Arc<Mailbox>, Completion)>>,
+}
+
+fn run(
+    config: OwnerConfig,
+    inbox: Arc<Inbox>,
+    stop: Arc<AtomicBool>,
+    opened: mpsc::Sender<Result<(), String>>,
+) {
+    let OwnerConfig {
+        chain,
+        bad,
+        readonly,
+        counters,
+    } = config;
+    let fds: Vec<_> = chain
+        .iter()
+        .flat_map(|image| [image.file.as_fd(), image.file.as_fd()])
+        .collect();
+    let engine = match best_engine(&fds, RING_ENTRIES) {
+        Ok((engine, why_not)) => {
+            if let Some(err) = why_not {
+                warn!("qcow2: io_uring is not available ({err}); serving with blocking syscalls");
+            }
+            engine
+        }
+        Err(err) => {
+            let _ = opened.send(Err(format!("cannot set up the I/O engine: {err}")));
+            return;
+        }
+    };
+    drop(fds);
+    let core = IoCore::new(engine, counters);
+    let dev = match drive(&core, open_dev(&core, &chain, readonly)) {
+        Ok(dev) => dev,
+        Err(message) => {
+            let _ = opened.send(Err(message));
+            return;
+        }
+    };
+    let cluster_bits = chain[0].layout.cluster_bits;
+    let state = Rc::new(State {
+        core: Rc::clone(&core),
+        chain,
+        bad,
+        readonly,
+        dev: RefCell::new(Some(Rc::new(dev))),
+        cluster_bits,
+        failed: Cell::new(false),
+        metadata_failed: Cell::new(false),
+        corrupt_marked: Cell::new(false),
+        running: Cell::new(0),
+        barrier: Cell::new(false),
+        finished: RefCell::new(Vec::new()),
+    });
+    let _ = opened.send(Ok(()));
+
+    let mut pool = LocalPool::new();
+    let spawner = pool.spawner();
+    let mut arrived = Vec::new();
+    let mut waiting: VecDeque<Request> = VecDeque::new();
+    let mut batch: Vec<(Arc<Mailbox>, Completion)> = Vec::new();
+    loop {
+        inbox.take(&mut arrived);
+        waiting.extend(arrived.drain(..));
+        core.dispatch();
+        // Start what may start: everything up to a barrier; a barrier alone.
+        while let Some(front) = waiting.front() {
+            if state.barrier.get() {
+                break;
+            }
+            let is_barrier = front.op.is_barrier();
+            if is_barrier && state.running.get() > 0 {
+                break;
+            }
+            let request = waiting.pop_front().expect("front exists");
+            state.running.set(state.running.get() + 1);
+            state.barrier.set(is_barrier);
+            let task_state = Rc::clone(&state);
+            let spawned = spawner.spawn_local(async move {
+                let Request { mailbox, tag, op } = request;
+                let result = match (Contained {
+                    fut: Some(Box::pin(serve(&task_state, op))),
+                })
+                .await
+                {
+                    Some(result) => result,
+                    None => {
+                        error!("qcow2-rs panicked serving a request; the image now fails every request");
+                        task_state.failed.set(true);
+                        task_state
+                            .core
+                            .counters()
+                            .panics
+                            .fetch_add(1, Ordering::Relaxed);
+                        -libc::EIO
+                    }
+                };
+                task_state
+                    .finished
+                    .borrow_mut()
+                    .push((mailbox, Completion { tag, result }));
+                task_state.running.set(task_state.running.get() - 1);
+                task_state.barrier.set(false);
+            });
+            if spawned.is_err() {
+                error!("qcow2: cannot spawn a task");
+            }
+        }
+        pool.run_until_stalled();
+        if let Err(err) = core.submit() {
+            error!("qcow2: cannot submit I/O: {err}");
+        }
+        batch.append(&mut state.finished.borrow_mut());
+        if !batch.is_empty() {
+            // Group by queue: one eventfd signal per queue and batch.
+            for (mailbox, completion) in &batch {
+                mailbox.post(*completion);
+            }
+            let mut signalled: Vec<*const Mailbox> = Vec::new();
+            for (mailbox, _) in &batch {
+                let key = Arc::as_ptr(mailbox);
+                if !signalled.contains(&key) {
+                    signalled.push(key);
+                    mailbox.signal();
+                }
+            }
+            batch.clear();
+            // A barrier finished, or work may be waiting: go round again
+            // before sleeping.
+            if !waiting.is_empty() {
+                continue;
+            }
+        }
+        if stop.load(Ordering::Acquire) && waiting.is_empty() && state.running.get() == 0 {
+            break;
+        }
+        if core.completion_fd().is_none() && core.in_flight() > 0 {
+            // The synchronous engine: its completions are ready already.
+            continue;
+        }
+        wait_for_events(inbox.event.as_raw_fd(), core.completion_fd());
+    }
+    close(&state);
+}
+
+/// Sleeps until a request arrives or the ring completes something.
+fn wait_for_events(inbox: std::os::fd::RawFd, ring: Option<std::os::fd::RawFd>) {
+    let mut fds = [
+        libc::pollfd {
+            fd: inbox,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: ring.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two valid pollfds for the duration of the call (a negative fd
+    // is ignored by poll).
+    let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if ret < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            error!("qcow2: poll failed: {err}");
+        }
+    }
+}
+
+/// The backend is going away: write the metadata qcow2-rs holds.
+fn close(state: &Rc<State>) {
+    if state.readonly || state.failed.get() || state.metadata_failed.get() {
+        return;
+    }
+    let Some(dev) = state.dev.borrow_mut().take() else {
+        return;
+    };
+    let flushed = drive(&state.core, async {
+        (Contained {
+            fut: Some(Box::pin(async {
+                dev.flush_meta().await?;
+                dev.fsync_range(0, usize::MAX).await
+            })),
+        })
+        .await
+    });
+    match flushed {
+        Some(Ok(())) => info!("qcow2: metadata written"),
+        Some(Err(err)) => error!("qcow2: cannot write the metadata at exit: {err:?}"),
+        None => error!("qcow2-rs panicked writing the metadata at exit"),
+    }
+}
+
+async fn serve(state: &Rc<State>, op: VirtualOp) -> i32 {
+    if state.failed.get() {
+        return -libc::EIO;
+    }
+    match op {
+        VirtualOp::Nop => 0,
+        VirtualOp::Read { offset, iovecs } => state.read(offset, &iovecs).await,
+        VirtualOp::Write { offset, iovecs } => state.write(offset, &iovecs).await,
+        VirtualOp::Flush => state.flush().await,
+        VirtualOp::Zero {
+            offset,
+            len_bytes,
+            unmap,
+        } => state.zero(offset, len_bytes, unmap).await,
+    }
+}
+
+fn total_len(iovecs: &[IoVec]) -> u64 {
+    iovecs.iter().map(|iov| iov.len_bytes() as u64).sum()
+}
+
+impl State {
+    fn dev(&self) -> Option<Rc<Dev>> {
+        self.dev.borrow().clone()
+    }
+
+    fn cluster_bytes(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// IOERR for requests touching an entry that failed validation; the
+    /// first one marks the image corrupt on disk.
+    fn touches_bad_entry(&self, offset: u64, len_bytes: u64) -> bool {
+        if self.bad.is_empty() || len_bytes == 0 {
+            return false;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len_bytes - 1) >> self.cluster_bits;
+        if !self.bad.any_in(first, last - first + 1) {
+            return false;
+        }
+        self.core
+            .counters()
+            .corrupt_entry_requests
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.corrupt_marked.get() {
+            self.corrupt_marked.set(true);
+            let what = (first..=last)
+                .find_map(|c| self.bad.describe(c))
+                .unwrap_or_default();
+            error!(
+                "{}: bytes {offset}..+{len_bytes} use a corrupt table entry ({what}); \
+                 refusing them and marking the image corrupt",
+                self.chain[0].path.display()
+            );
+            if !self.readonly {
+                if let Err(err) = meta::mark_corrupt(&self.chain[0].file) {
+                    error!("cannot set the corrupt bit: {err}");
+                }
+            }
+        }
+        true
+    }
+
+    async fn read(&self, offset: u64, iovecs: &[IoVec]) -> i32 {
+        let len = total_len(iovecs);
+        if self.touches_bad_entry(offset, len) {
+            return -libc::EIO;
+        }
+        let Some(dev) = self.dev() else {
+            return -libc::EIO;
+        };
+        let result = if iovecs.iter().all(|iov| iov.len_bytes() % BLOCK_BYTES == 0) {
+            let mut reads = Vec::with_capacity(iovecs.len());
+            let mut at = offset;
+            for iov in iovecs {
+                // SAFETY: the iovec points into guest memory that the queue
+                // worker keeps mapped until this request completes. qcow2-rs
+                // hands the slice to the kernel (allocated clusters) or fills
+                // it (zero, backing and compressed clusters); the guest may
+                // touch the same bytes meanwhile, as it may with any device.
+                let buf = unsafe { std::slice::from_raw_parts_mut(iov.base(), iov.len_bytes()) };
+                reads.push(dev.read_at(buf, at));
+                at += iov.len_bytes() as u64;
+            }
+            futures::future::join_all(reads)
+                .await
+                .into_iter()
+                .try_for_each(|r| r.map(|_| ()))
+        } else {
+            // Buffers that are not whole sectors: through a bounce buffer.
+            let mut bounce = vec![0u8; len as usize];
+            let result = dev.read_at(&mut bounce, offset).await.map(|_| ());
+            if result.is_ok() {
+                let mut done = 0;
+                for iov in iovecs {
+                    // SAFETY: as above.
+                    let buf =
+                        unsafe { std::slice::from_raw_parts_mut(iov.base(), iov.len_bytes()) };
+                    buf.copy_from_slice(&bounce[done..done + iov.len_bytes()]);
+                    done += iov.len_bytes();
+                }
+            }
+            result
+        };
+        match result {
+            Ok(()) => len as i32,
+            Err(err) => {
+                warn!("qcow2: read at {offset:#x} failed: {err:?}");
+                -libc::EIO
+            }
+        }
+    }
+
+    /// After a metadata write failed, only writes that need no allocation
+    /// are served.
+    async fn all_allocated(&self, dev: &Dev, offset: u64, len: u64) -> bool {
+        let cluster = self.cluster_bytes();
+        let mut at = offset & !(cluster - 1);
+        while at < offset + len {
+            match dev.get_mapping(at).await {
+                Ok(m) if m.source == MappingSource::DataFile && m.cluster_offset.is_some() => {}
+                _ => return false,
+            }
+            at += cluster;
+        }
+        true
+    }
+
+    async fn write(&self, offset: u64, iovecs: &[IoVec]) -> i32 {
+        let len = total_len(iovecs);
+        if self.readonly || self.touches_bad_entry(offset, len) {
+            return -libc::EIO;
+        }
+        let Some(dev) = self.dev() else {
+            return -libc::EIO;
+        };
+        if self.metadata_failed.get() && !self.all_allocated(&dev, offset, len).await {
+            return -libc::ENOSPC;
+        }
+        let result = if iovecs.iter().all(|iov| iov.len_bytes() % BLOCK_BYTES == 0) {
+            let mut writes = Vec::with_capacity(iovecs.len());
+            let mut at = offset;
+            for iov in iovecs {
+                // SAFETY: as in `read`; qcow2-rs only reads these bytes.
+                let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
+                writes.push(dev.write_at(buf, at));
+                at += iov.len_bytes() as u64;
+            }
+            futures::future::join_all(writes)
+                .await
+                .into_iter()
+                .collect::<Qcow2Result<Vec<()>>>()
+                .map(|_| ())
+        } else {
+            let mut bounce = Vec::with_capacity(len as usize);
+            for iov in iovecs {
+                // SAFETY: as in `read`.
+                let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
+                bounce.extend_from_slice(buf);
+            }
+            dev.write_at(&bounce, offset).await
+        };
+        match result {
+            Ok(()) => len as i32,
+            Err(err) => {
+                warn!("qcow2: write at {offset:#x} failed: {err:?}");
+                -libc::EIO
+            }
+        }
+    }
+
+    /// FLUSH: qcow2-rs writes refcounts, syncs, then L2 and L1 tables (a
+    /// table never points at a cluster whose refcount is not durable); then
+    /// the file is synced, which makes the data and the last tables durable.
+    async fn flush(&self) -> i32 {
+        if self.readonly {
+            return 0;
+        }
+        if self.metadata_failed.get() {
+            return -libc::EIO;
+        }
+        let Some(dev) = self.dev() else {
+            return -libc::EIO;
+        };
+        if let Err(err) = dev.flush_meta().await {
+            error!("qcow2: cannot write metadata: {err:?}; FLUSH fails from now on");
+            self.metadata_failed.set(true);
+            return -libc::EIO;
+        }
+        if let Err(err) = dev.fsync_range(0, usize::MAX).await {
+            // After a failed fsync the page cache may have dropped the
+            // data: nothing written since can be promised either.
+            error!("qcow2: fdatasync failed: {err:?}; FLUSH fails from now on");
+            self.metadata_failed.set(true);
+            return -libc::EIO;
+        }
+        0
+    }
+
+    async fn write_zeroes(&self, dev: &Dev, offset: u64, len: u64) -> Qcow2Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK_BYTES.min(len as usize)];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeroes.len() as u64);
+            dev.write_at(&zeroes[..n as usize], at).await?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    async fn zero(&self, offset: u64, len: u64, unmap: bool) -> i32 {
+        if self.readonly || self.touches_bad_entry(offset, len) {
+            return -libc::EIO;
+        }
+        let cluster = self.cluster_bytes();
+        let end = offset + len;
+        let first_whole = offset.div_ceil(cluster);
+        let end_whole = end / cluster;
+        let mut to_write: Vec<(u64, u64)> = Vec::new();
+        if !unmap || first_whole >= end_whole {
+            to_write.push((offset, len));
+        } else {
+            if offset < first_whole * cluster {
+                to_write.push((offset, first_whole * cluster - offset));
+            }
+            match self.unmap(first_whole, end_whole - first_whole).await {
+                Ok(unhandled) => to_write.extend(
+                    unhandled
+                        .into_iter()
+                        .map(|(c, n)| (c * cluster, n * cluster)),
+                ),
+                Err(errno) => return errno,
+            }
+            if end_whole * cluster < end {
+                to_write.push((end_whole * cluster, end - end_whole * cluster));
+            }
+        }
+        let Some(dev) = self.dev() else {
+            return -libc::EIO;
+        };
+        for (at, n) in to_write {
+            if self.metadata_failed.get() && !self.all_allocated(&dev, at, n).await {
+                return -libc::ENOSPC;
+            }
+            if let Err(err) = self.write_zeroes(&dev, at, n).await {
+                warn!("qcow2: writing zeroes at {at:#x} failed: {err:?}");
+                return -libc::EIO;
+            }
+        }
+        0
+    }
+
+    /// Frees whole clusters (the barrier described in the module
+    /// documentation). Returns the runs that must be zeroed by writing.
+    async fn unmap(&self, first: u64, count: u64) -> Result<Vec<(u64, u64)>, i32> {
+        if self.metadata_failed.get() {
+            return Ok(vec![(first, count)]);
+        }
+        let Some(dev) = self.dev.borrow_mut().take() else {
+            return Err(-libc::EIO);
+        };
+        if let Err(err) = dev.flush_meta().await {
+            error!("qcow2: cannot write metadata before a discard: {err:?}");
+            self.metadata_failed.set(true);
+            *self.dev.borrow_mut() = Some(dev);
+            return Ok(vec![(first, count)]);
+        }
+        // Nothing else runs during a barrier, so this is the last reference.
+        drop(dev);
+        let image = &self.chain[0];
+        let outcome = meta::unmap(&image.file, &image.layout, first, count, UnmapMode::Discard);
+        let reopened = open_dev(&self.core, &self.chain, self.readonly).await;
+        match reopened {
+            Ok(dev) => *self.dev.borrow_mut() = Some(Rc::new(dev)),
+            Err(message) => {
+                error!(
+                    "{}: cannot open the image again after a discard: {message}; \
+                     every request fails from now on",
+                    image.path.display()
+                );
+                self.failed.set(true);
+                return Err(-libc::EIO);
+            }
+        }
+        match outcome {
+            Ok(outcome) => {
+                self.core
+                    .counters()
+                    .clusters_freed
+                    .fetch_add(outcome.freed_clusters, Ordering::Relaxed);
+                Ok(outcome.unhandled)
+            }
+            Err(err) => {
+                error!("{}: discard failed: {err}", image.path.display());
+                Err(-libc::EIO)
+            }
+        }
+    }
+}
