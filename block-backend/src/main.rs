@@ -5,8 +5,9 @@
 //! subscriber, opens the image and hands over to [`ringvm_blk::daemon::run`].
 //! Exit status: 0 when the frontend disconnected or SIGTERM/SIGINT ended the
 //! process, 1 when the image or the socket cannot be used or the frontend
-//! broke the protocol, 2 for command-line errors. Creating qcow2 images is not
-//! implemented yet, and says so.
+//! broke the protocol, 2 for command-line errors. `create` writes a thin qcow2
+//! image and exits 0, 2 for a refused request (an existing path, a size the
+//! format cannot hold), 1 when the file cannot be written.
 
 use std::fs;
 use std::io::IsTerminal;
@@ -19,6 +20,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ringvm_blk::backend::BlkOptions;
 use ringvm_blk::counters::Counters;
 use ringvm_blk::daemon::{self, error_chain, DaemonConfig};
+use ringvm_blk::image::qcow2::meta;
 use ringvm_blk::image::{self, Format, OpenOptions};
 use tracing::info;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
@@ -216,11 +218,31 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
-        Some(BlkCommand::Create(_)) => {
-            eprintln!("ringvm-blk: creating qcow2 images is not implemented yet (see README)");
-            ExitCode::FAILURE
-        }
+        Some(BlkCommand::Create(args)) => ExitCode::from(create(&args)),
         None => serve(cli.serve),
+    }
+}
+
+/// Creates the image; returns the exit status.
+fn create(args: &CreateArgs) -> u8 {
+    match meta::create(&args.path, args.size, args.cluster_size) {
+        Ok(()) => {
+            info!(
+                "created {}: qcow2, {} bytes, {} byte clusters",
+                args.path.display(),
+                args.size,
+                args.cluster_size
+            );
+            0
+        }
+        Err(err) => {
+            eprintln!("ringvm-blk: {}", error_chain(&err));
+            if err.is_bad_input() {
+                2
+            } else {
+                1
+            }
+        }
     }
 }
 
@@ -466,6 +488,35 @@ mod tests {
             panic!("parsed as {cli:?}")
         };
         assert_eq!((create.size, create.cluster_size), (512, 64 << 10));
+    }
+
+    #[test]
+    fn create_writes_an_image_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        let cli = parse(&["create", path.to_str().unwrap(), "--size", "1G"]).unwrap();
+        let Some(BlkCommand::Create(args)) = cli.command else {
+            panic!("parsed as {cli:?}")
+        };
+        assert_eq!(create(&args), 0);
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let info = String::from_utf8_lossy(&out.stdout);
+        assert!(info.contains("\"virtual-size\": 1073741824,"), "{info}");
+        assert!(info.contains("\"cluster-size\": 65536,"), "{info}");
+        let len = fs::metadata(&path).unwrap().len();
+        // An existing path is refused, untouched, with status 2.
+        assert_eq!(create(&args), 2);
+        assert_eq!(fs::metadata(&path).unwrap().len(), len);
+        // A directory that does not exist is not the user's input: status 1.
+        let missing = CreateArgs {
+            path: dir.path().join("no/such/dir.qcow2"),
+            size: 1 << 30,
+            cluster_size: 65536,
+        };
+        assert_eq!(create(&missing), 1);
     }
 
     #[test]

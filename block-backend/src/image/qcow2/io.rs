@@ -17,12 +17,22 @@
 //!   cluster lies past its end. Space is reserved at allocation, so on a full
 //!   disk the write to a new cluster fails, while writes to clusters already
 //!   allocated never need space.
+//! - **metadata write order.** qcow2-rs syncs between refcount and table
+//!   writes in `flush_meta`, but not everywhere: a cache eviction can write
+//!   an L2 slice after refcount blocks that an earlier eviction wrote
+//!   without a sync, and the refcount table is written without one; a crash
+//!   could then leave an L2 entry pointing at a cluster whose refcount is
+//!   not on disk. [`RingIo`] puts every metadata write (any write that is not
+//!   guest data) after an fdatasync of every metadata write and fallocate
+//!   that completed before it was issued: metadata reaches the disk in the
+//!   order qcow2-rs issues it. The syncs qcow2-rs does itself count, so
+//!   `flush_meta` needs no extra one.
 //! - **short reads.** A data cluster may end past the end of the file (its
 //!   tail was never written); qcow2-rs reports the short count and leaves
 //!   the rest of the buffer as it was. [`RingIo::read_to`] reads on after a
 //!   short read and fills what lies past the end of the file with zeroes.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -86,6 +96,15 @@ struct OpSlot {
 /// The owner thread's engine and the operations in flight on it.
 pub struct IoCore {
     engine: RefCell<Box<dyn Engine>>,
+    /// Guest buffers (and zero buffers) being written, as address ranges:
+    /// writes from them are data, every other write is metadata.
+    data: RefCell<Vec<(usize, usize)>>,
+    /// Metadata writes and fallocates completed so far.
+    meta_completed: Cell<u64>,
+    /// All of the first `meta_synced` of them are durable.
+    meta_synced: Cell<u64>,
+    /// One ordering sync at a time.
+    sync_lock: futures::lock::Mutex<()>,
     ops: RefCell<Vec<OpSlot>>,
     free: RefCell<Vec<usize>>,
     completions: RefCell<Vec<Completion>>,
@@ -96,11 +115,40 @@ impl IoCore {
     pub fn new(engine: Box<dyn Engine>, counters: Arc<ImageCounters>) -> Rc<Self> {
         Rc::new(IoCore {
             engine: RefCell::new(engine),
+            data: RefCell::new(Vec::new()),
+            meta_completed: Cell::new(0),
+            meta_synced: Cell::new(0),
+            sync_lock: futures::lock::Mutex::new(()),
             ops: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             completions: RefCell::new(Vec::new()),
             counters,
         })
+    }
+
+    /// Marks `buf` as guest data while `f` writes it (see the module
+    /// documentation: data writes are not ordered against metadata).
+    pub async fn with_data<F: Future>(&self, buf: &[u8], f: F) -> F::Output {
+        let range = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
+        self.data.borrow_mut().push(range);
+        let output = f.await;
+        let mut data = self.data.borrow_mut();
+        if let Some(i) = data.iter().position(|r| *r == range) {
+            data.swap_remove(i);
+        }
+        output
+    }
+
+    fn is_data(&self, buf: &[u8]) -> bool {
+        let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
+        self.data
+            .borrow()
+            .iter()
+            .any(|&(s, e)| start >= s && end <= e)
+    }
+
+    fn meta_done(&self) {
+        self.meta_completed.set(self.meta_completed.get() + 1);
     }
 
     pub fn counters(&self) -> &ImageCounters {
@@ -275,6 +323,36 @@ impl RingIo {
         RingIo { core, file }
     }
 
+    /// fdatasync; on success everything completed before it started is
+    /// durable.
+    async fn sync(&self) -> i32 {
+        let covers = self.core.meta_completed.get();
+        let file = self.file;
+        // SAFETY: no memory is involved.
+        let result = unsafe { self.core.start(None, |_| EngineOp::Datasync { file }) }.await;
+        if result == 0 && covers > self.core.meta_synced.get() {
+            self.core.meta_synced.set(covers);
+        }
+        result
+    }
+
+    /// Waits until every metadata write and fallocate completed so far is
+    /// durable (syncing if need be).
+    async fn order_after_completed_metadata(&self) -> Result<(), i32> {
+        let need = self.core.meta_completed.get();
+        if self.core.meta_synced.get() >= need {
+            return Ok(());
+        }
+        let _one_at_a_time = self.core.sync_lock.lock().await;
+        if self.core.meta_synced.get() >= need {
+            return Ok(());
+        }
+        match self.sync().await {
+            0 => Ok(()),
+            errno => Err(errno),
+        }
+    }
+
     async fn fallocate_op(&self, offset: u64, len: u64, mode: FallocateMode) -> i32 {
         let file = self.file;
         // SAFETY: no memory is involved.
@@ -286,7 +364,9 @@ impl RingIo {
                 mode,
             })
         };
-        op.await
+        let result = op.await;
+        self.core.meta_done();
+        result
     }
 }
 
@@ -321,6 +401,52 @@ impl Qcow2IoOps for RingIo {
     }
 
     async fn write_from(&self, offset: u64, buf: &[u8]) -> Qcow2Result<()> {
+        let metadata = !self.core.is_data(buf);
+        if metadata {
+            self.order_after_completed_metadata()
+                .await
+                .map_err(|errno| io_error("fdatasync before a metadata write", offset, -errno))?;
+        }
+        let result = self.write_all(offset, buf).await;
+        if metadata {
+            self.core.meta_done();
+        }
+        result
+    }
+
+    /// qcow2-rs calls this to make a new cluster (data, or a table) read as
+    /// zeroes before it is used; see the module documentation.
+    async fn fallocate(&self, offset: u64, len: usize, _flags: u32) -> Qcow2Result<()> {
+        let len = len as u64;
+        match self
+            .fallocate_op(offset, len, FallocateMode::PunchHole)
+            .await
+        {
+            0 => {}
+            errno => return Err(io_error("punch hole", offset, -errno)),
+        }
+        match self.fallocate_op(offset, len, FallocateMode::Grow).await {
+            0 => {
+                self.core
+                    .counters
+                    .host_bytes_zeroed
+                    .fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            errno => Err(io_error("allocate", offset, -errno)),
+        }
+    }
+
+    async fn fsync(&self, offset: u64, _len: usize, _flags: u32) -> Qcow2Result<()> {
+        match self.sync().await {
+            0 => Ok(()),
+            errno => Err(io_error("fdatasync", offset, -errno)),
+        }
+    }
+}
+
+impl RingIo {
+    async fn write_all(&self, offset: u64, buf: &[u8]) -> Qcow2Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &buf[done..];
@@ -348,38 +474,5 @@ impl Qcow2IoOps for RingIo {
             }
         }
         Ok(())
-    }
-
-    /// qcow2-rs calls this to make a new cluster (data, or a table) read as
-    /// zeroes before it is used; see the module documentation.
-    async fn fallocate(&self, offset: u64, len: usize, _flags: u32) -> Qcow2Result<()> {
-        let len = len as u64;
-        match self
-            .fallocate_op(offset, len, FallocateMode::PunchHole)
-            .await
-        {
-            0 => {}
-            errno => return Err(io_error("punch hole", offset, -errno)),
-        }
-        match self.fallocate_op(offset, len, FallocateMode::Grow).await {
-            0 => {
-                self.core
-                    .counters
-                    .host_bytes_zeroed
-                    .fetch_add(len, Ordering::Relaxed);
-                Ok(())
-            }
-            errno => Err(io_error("allocate", offset, -errno)),
-        }
-    }
-
-    async fn fsync(&self, offset: u64, _len: usize, _flags: u32) -> Qcow2Result<()> {
-        let file = self.file;
-        // SAFETY: no memory is involved.
-        let op = unsafe { self.core.start(None, |_| EngineOp::Datasync { file }) };
-        match op.await {
-            0 => Ok(()),
-            errno => Err(io_error("fdatasync", offset, -errno)),
-        }
     }
 }

@@ -626,7 +626,7 @@ impl State {
             for iov in iovecs {
                 // SAFETY: as in `read`; qcow2-rs only reads these bytes.
                 let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
-                writes.push(dev.write_at(buf, at));
+                writes.push(self.core.with_data(buf, dev.write_at(buf, at)));
                 at += iov.len_bytes() as u64;
             }
             futures::future::join_all(writes)
@@ -641,7 +641,9 @@ impl State {
                 let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
                 bounce.extend_from_slice(buf);
             }
-            dev.write_at(&bounce, offset).await
+            self.core
+                .with_data(&bounce, dev.write_at(&bounce, offset))
+                .await
         };
         match result {
             Ok(()) => len as i32,
@@ -685,7 +687,8 @@ impl State {
         let mut at = offset;
         while at < offset + len {
             let n = (offset + len - at).min(zeroes.len() as u64);
-            dev.write_at(&zeroes[..n as usize], at).await?;
+            let chunk = &zeroes[..n as usize];
+            self.core.with_data(chunk, dev.write_at(chunk, at)).await?;
             at += n;
         }
         Ok(())

@@ -702,7 +702,8 @@ mod tests {
     fn poked_headers_are_refused_precisely() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let cases: Vec<(&str, Box<dyn FnOnce(&Path)>, &str)> = vec![
+        type Poke = Box<dyn FnOnce(&Path)>;
+        let cases: Vec<(&str, Poke, &str)> = vec![
             (
                 "magic",
                 Box::new(|p| write_u32(p, 0, 0x5146_49fa)),

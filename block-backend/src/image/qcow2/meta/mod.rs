@@ -208,3 +208,150 @@ fn be_u16(bytes: &[u8], at: usize) -> u16 {
     }
     u16::from_be_bytes(word)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::{open_rw, qcow2, qemu_img, qemu_io, XorShift};
+    use super::*;
+
+    /// Header fields worth hitting with extreme values: (offset, width).
+    const FIELDS: [(u64, u64); 16] = [
+        (4, 4),
+        (8, 8),
+        (16, 4),
+        (20, 4),
+        (24, 8),
+        (36, 4),
+        (40, 8),
+        (48, 8),
+        (56, 4),
+        (72, 8),
+        (88, 8),
+        (96, 4),
+        (100, 4),
+        (104, 1),
+        (112, 8),
+        (116, 4),
+    ];
+
+    fn mutate(rng: &mut XorShift, image: &mut Vec<u8>, tables: &[u64]) {
+        for _ in 0..=rng.below(6) {
+            match rng.below(5) {
+                // A random byte anywhere.
+                0 => {
+                    let at = rng.below(image.len() as u64) as usize;
+                    if let Some(byte) = image.get_mut(at) {
+                        *byte = rng.next() as u8;
+                    }
+                }
+                // A header field set to an extreme or random value.
+                1 => {
+                    let (at, width) = FIELDS[rng.below(FIELDS.len() as u64) as usize];
+                    let value = match rng.below(4) {
+                        0 => 0,
+                        1 => u64::MAX,
+                        2 => 1 << rng.below(64),
+                        _ => rng.next(),
+                    };
+                    let bytes = value.to_be_bytes();
+                    if let Some(slot) = image.get_mut(at as usize..(at + width) as usize) {
+                        slot.copy_from_slice(&bytes[(8 - width) as usize..]);
+                    }
+                }
+                // A table entry (L1, L2, reftable, refblock) rewritten.
+                2 => {
+                    let table = tables[rng.below(tables.len() as u64) as usize];
+                    let at = (table + rng.below(64) * 8) as usize;
+                    let value = match rng.below(3) {
+                        0 => rng.next(),
+                        1 => rng.below(image.len() as u64 * 2) & !0x1ff,
+                        _ => (1 << 63) | (rng.below(image.len() as u64 / 4096 + 4) * 4096),
+                    };
+                    if let Some(slot) = image.get_mut(at..at + 8) {
+                        slot.copy_from_slice(&value.to_be_bytes());
+                    }
+                }
+                // Truncated.
+                3 => {
+                    let len = rng.below(image.len() as u64) as usize;
+                    image.truncate(len.max(4));
+                }
+                // Random bytes after the magic.
+                _ => {
+                    let len = rng.below(8192) as usize;
+                    image.clear();
+                    image.extend_from_slice(&QCOW2_MAGIC_FOR_TESTS);
+                    image.extend((0..len).map(|_| rng.next() as u8));
+                }
+            }
+        }
+    }
+
+    const QCOW2_MAGIC_FOR_TESTS: [u8; 4] = header::QCOW2_MAGIC;
+
+    /// read_layout, scan and unmap on thousands of mutated images: errors,
+    /// never a panic or an allocation the file size does not justify.
+    #[test]
+    fn mutated_images_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let plain = qcow2(d, "plain.qcow2", "4M", "cluster_size=4k");
+        qemu_io(&plain, &["write -P 0xab 0 64k", "write -P 0xcd 3M 4k"]);
+        let compressed = d.join("compressed.qcow2");
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            plain.to_str().unwrap(),
+            compressed.to_str().unwrap(),
+        ]);
+        let bases: Vec<(Vec<u8>, Vec<u64>)> = [plain, compressed]
+            .iter()
+            .map(|path| {
+                let file = File::open(path).unwrap();
+                let layout = read_layout(&file, path).unwrap();
+                let l1 = std::fs::read(path).unwrap();
+                let l2 = be_u64(&l1, layout.l1_offset as usize) & 0x00ff_ffff_ffff_fe00;
+                let refblock = be_u64(&l1, layout.reftable_offset as usize);
+                (
+                    l1,
+                    vec![layout.l1_offset, l2, layout.reftable_offset, refblock],
+                )
+            })
+            .collect();
+        let path = d.join("mutant.qcow2");
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let (mut parsed, mut scanned) = (0, 0);
+        for round in 0..3000 {
+            let (base, tables) = &bases[round % bases.len()];
+            let mut image = base.clone();
+            mutate(&mut rng, &mut image, tables);
+            std::fs::write(&path, &image).unwrap();
+            let file = open_rw(&path);
+            let Ok(layout) = read_layout(&file, &path) else {
+                continue;
+            };
+            parsed += 1;
+            if scan(&file, &path, &layout).is_ok() {
+                scanned += 1;
+            }
+            let first = rng.below(layout.guest_clusters() + 2);
+            let count = rng.below(64);
+            let mode = if rng.below(2) == 0 {
+                UnmapMode::Discard
+            } else {
+                UnmapMode::Zero
+            };
+            let _ = unmap(&file, &layout, first, count, mode);
+        }
+        // The mutations must leave enough images valid to reach scan and
+        // unmap, or this test would test nothing.
+        assert!(
+            parsed > 300 && scanned > 100,
+            "{parsed} parsed, {scanned} scanned"
+        );
+    }
+}
