@@ -1,7 +1,9 @@
 //! ringvm as a vhost-user-blk frontend: against qemu-storage-daemon (a
 //! backend nobody here wrote) running the test guest's blk-verify, and the
 //! error paths a user meets: no socket, a peer that is not a vhost-user
-//! backend, a backend that dies while the guest runs.
+//! backend, a backend that dies while the guest runs. And ringvm-blk
+//! serving qcow2 images (several cluster sizes, and its own `create`): the
+//! same job leaves them identical to a raw image, as qemu-img sees them.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
