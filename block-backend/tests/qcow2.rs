@@ -820,11 +820,16 @@ fn a_4k_write_into_a_new_cluster_writes_less_than_a_cluster() {
     create_qcow2(&image, 64 << 20, "cluster_size=64K");
     let mut backend = Backend::start_with(dir, image.clone(), &["--format", "qcow2"]);
     let mut g = Guest::connect(&backend.socket, 1, false);
-    let before = backend.dump_counters()["host_bytes_written"];
+    let host_bytes_written = |counters: HashMap<String, u64>| {
+        *counters
+            .get("host_bytes_written")
+            .unwrap_or_else(|| panic!("no host_bytes_written counter in {counters:?}"))
+    };
+    let before = host_bytes_written(backend.dump_counters());
     let sector = 5 * CLUSTER_SECTORS + 8;
     assert_eq!(g.write_at(sector, &block_content(sector, 1)), OK);
     assert_eq!(g.flush(), OK);
-    let after = backend.dump_counters()["host_bytes_written"];
+    let after = host_bytes_written(backend.dump_counters());
     let written = after - before;
     println!(
         "one 4 KiB write into a new 64 KiB cluster, then a flush: host_bytes_written +{written}"
