@@ -1,7 +1,9 @@
 //! ringvm as a vhost-user-blk frontend: against qemu-storage-daemon (a
 //! backend nobody here wrote) running the test guest's blk-verify, and the
 //! error paths a user meets: no socket, a peer that is not a vhost-user
-//! backend, a backend that dies while the guest runs.
+//! backend, a backend that dies while the guest runs. And ringvm-blk
+//! serving qcow2 images (several cluster sizes, and its own `create`): the
+//! same job leaves them identical to a raw image, as qemu-img sees them.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
@@ -119,11 +121,25 @@ impl RingvmBlk {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawning ringvm-blk");
-        wait_for_path(socket, SOCKET_WAIT, "ringvm-blk");
-        Self {
+        let mut blk = Self {
             child,
             socket: socket.to_owned(),
+        };
+        // Not wait_for_path: a ringvm-blk that refuses the image exits at
+        // once, and says why on the inherited stderr.
+        let deadline = Instant::now() + SOCKET_WAIT;
+        while !socket.exists() {
+            if let Some(status) = blk.child.try_wait().unwrap() {
+                panic!("ringvm-blk exited with {status} before listening (its stderr is above)");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ringvm-blk did not create {} within {SOCKET_WAIT:?}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
+        blk
     }
 
     /// Waits for ringvm-blk to exit (it does when its frontend disconnects).
@@ -191,6 +207,151 @@ fn blk_verify_through_ringvm_blk_one_queue() {
 #[test]
 fn blk_verify_through_ringvm_blk_four_queues() {
     blk_verify_through_ringvm_blk(4);
+}
+
+/// The disk of the qcow2 runs below, and of their raw reference. blk-verify
+/// discards 8 MiB + 4 MiB of it and zeroes 16 MiB + 4 MiB: whole clusters
+/// for every cluster size, so that the guest picks the same ranges whatever
+/// discard alignment the image asks for.
+const QCOW2_DISK_BYTES: u64 = 32 << 20;
+/// One job for every image: same seed, and discarded sectors must read as
+/// zeroes, so that every run leaves the same disk contents.
+const QCOW2_JOB: &str = "job=blk-verify seed=0x9c0 discard_zeroes=1";
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    let tool = find_on_path("qemu-img")
+        .unwrap_or_else(|| panic!("the qcow2 tests need qemu-img (package qemu-utils)"));
+    Command::new(tool)
+        .args(args)
+        .output()
+        .expect("running qemu-img")
+}
+
+fn qemu_img_text(out: &std::process::Output) -> String {
+    format!(
+        "{}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// blk-verify (QCOW2_JOB, two queues) through ringvm-blk serving `img`;
+/// the guest's report.
+fn blk_verify_image(img: &Path) -> ringvm_tests::blk_pattern::VerifyReport {
+    let mut socket = img.as_os_str().to_owned();
+    socket.push(".sock");
+    let socket = PathBuf::from(socket);
+    let blk = RingvmBlk::start(img, &socket, &["--queues", "2"]);
+    let disk = format!("socket={},num_queues=2", blk.socket.display());
+    let out = ringvm(&[
+        "--kernel",
+        GUEST_ELF_PATH,
+        "--cmdline",
+        QCOW2_JOB,
+        "--disk",
+        &disk,
+    ]);
+    assert!(out.exited_with(0), "{}: {out}", img.display());
+    let report = parse_verify_ok(&out.stdout)
+        .unwrap_or_else(|| panic!("{}: no blk-verify ok line\n{out}", img.display()));
+    assert_eq!(report.sectors, QCOW2_DISK_BYTES / 512, "{out}");
+    assert_eq!(
+        blk.wait_exit(),
+        Some(0),
+        "ringvm-blk exits 0 when ringvm disconnects"
+    );
+    report
+}
+
+/// blk-verify on a raw image, then on the qcow2 image `create` makes: the
+/// guest sees the same disk, `qemu-img check` finds nothing wrong, and
+/// `qemu-img compare` finds the qcow2 image identical to the raw one.
+fn qcow2_blk_verify_matches_raw(create: impl FnOnce(&Path)) {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = image(dir.path(), QCOW2_DISK_BYTES);
+    let raw_report = blk_verify_image(&raw);
+    assert_eq!(raw_report.discard_result, "zeroes");
+    check_image(&raw, &raw_report).unwrap();
+
+    let qcow2 = dir.path().join("disk.qcow2");
+    create(&qcow2);
+    let report = blk_verify_image(&qcow2);
+    assert_eq!(report, raw_report, "the qcow2 run saw another disk");
+
+    let out = qemu_img(&["check", qcow2.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qemu-img check: {}",
+        qemu_img_text(&out)
+    );
+    let out = qemu_img(&[
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        qcow2.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qemu-img compare: {}",
+        qemu_img_text(&out)
+    );
+}
+
+fn qemu_img_create_qcow2(cluster_size: &'static str) -> impl FnOnce(&Path) {
+    move |path| {
+        let out = qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cluster_size}"),
+            path.to_str().unwrap(),
+            &QCOW2_DISK_BYTES.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "qemu-img create: {}",
+            qemu_img_text(&out)
+        );
+    }
+}
+
+#[test]
+fn blk_verify_on_qcow2_with_4k_clusters() {
+    qcow2_blk_verify_matches_raw(qemu_img_create_qcow2("4K"));
+}
+
+#[test]
+fn blk_verify_on_qcow2_with_64k_clusters() {
+    qcow2_blk_verify_matches_raw(qemu_img_create_qcow2("64K"));
+}
+
+#[test]
+fn blk_verify_on_qcow2_with_2m_clusters() {
+    qcow2_blk_verify_matches_raw(qemu_img_create_qcow2("2M"));
+}
+
+#[test]
+fn blk_verify_on_qcow2_made_by_ringvm_blk_create() {
+    qcow2_blk_verify_matches_raw(|path| {
+        let out = Command::new(binary("ringvm-blk"))
+            .arg("create")
+            .arg(path)
+            .args(["--size", &QCOW2_DISK_BYTES.to_string()])
+            .output()
+            .expect("spawning ringvm-blk create");
+        assert!(
+            out.status.success(),
+            "ringvm-blk create: {}",
+            qemu_img_text(&out)
+        );
+    });
 }
 
 #[test]

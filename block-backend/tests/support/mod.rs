@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod qcow2;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -20,6 +22,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -166,6 +169,30 @@ impl Backend {
                 (name.to_string(), value.parse().unwrap())
             })
             .collect()
+    }
+
+    /// SIGKILL, then waits for the exit: the process gets no chance to write
+    /// anything out, as in a crash (the page cache keeps what it wrote).
+    pub fn kill(&mut self) -> ExitStatus {
+        self.signal(libc::SIGKILL);
+        self.wait_exit()
+    }
+
+    /// Asks for a counter dump (SIGUSR1) and returns it once it is on stderr.
+    pub fn dump_counters(&self) -> HashMap<String, u64> {
+        let dumps = |stderr: &str| stderr.matches("counters: ").count();
+        let before = dumps(&self.stderr());
+        self.signal(libc::SIGUSR1);
+        let deadline = Instant::now() + TIMEOUT;
+        while dumps(&self.stderr()) == before {
+            assert!(
+                Instant::now() < deadline,
+                "no counter dump after SIGUSR1: {}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.counters()
     }
 
     pub fn image_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
@@ -362,6 +389,20 @@ impl Guest {
         head
     }
 
+    /// Writes a chain at descriptors `first..first + descs.len()` and makes
+    /// it available (no kick); returns its head, `first`. For tests that keep
+    /// several chains in flight, each in its own descriptor slots: `submit`
+    /// hands out descriptors round-robin, which a chain that stays in flight
+    /// longer than the others would see reused.
+    pub fn submit_at(&mut self, q: usize, first: u16, descs: &[Desc]) -> u16 {
+        assert!(usize::from(first) + descs.len() <= usize::from(QUEUE_SIZE));
+        let saved = self.queues[q].next_desc;
+        self.queues[q].next_desc = first;
+        let head = self.submit(q, descs);
+        self.queues[q].next_desc = saved;
+        head
+    }
+
     pub fn make_available(&mut self, q: usize, head: u16) {
         let queue = &mut self.queues[q];
         let avail = queue.base + AVAIL_OFFSET;
@@ -423,6 +464,39 @@ impl Guest {
         signals
     }
 
+    /// The used entries from `*seen` to the used index, without waiting;
+    /// advances `*seen` past them.
+    pub fn poll_used(&self, q: usize, seen: &mut u16) -> Vec<(u32, u32)> {
+        let idx = self.used_idx(q);
+        // The entries were written before the index: read them after it.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let mut entries = Vec::new();
+        while *seen != idx {
+            entries.push(self.used(q, *seen));
+            *seen = seen.wrapping_add(1);
+        }
+        entries
+    }
+
+    /// Waits until there is at least one used entry past `*seen`; returns
+    /// them all (see `poll_used`).
+    pub fn wait_used_entries(&self, q: usize, seen: &mut u16) -> Vec<(u32, u32)> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let entries = self.poll_used(q, seen);
+            if !entries.is_empty() {
+                return entries;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue {q}: nothing used past {seen} in {TIMEOUT:?}"
+            );
+            if wait_readable(self.queues[q].call.as_raw_fd(), Duration::from_millis(20)) {
+                let _ = self.queues[q].call.read();
+            }
+        }
+    }
+
     pub fn signalled(&self, q: usize) -> bool {
         self.queues[q].call.read().is_ok()
     }
@@ -449,6 +523,51 @@ impl Guest {
         (status, len)
     }
 
+    /// WRITE of `data` at `sector` on queue 0, from DATA; the status byte.
+    pub fn write_at(&mut self, sector: u64, data: &[u8]) -> u8 {
+        self.header(HDR, VIRTIO_BLK_T_OUT, sector);
+        self.write_mem(DATA, data);
+        let len = u32::try_from(data.len()).unwrap();
+        self.request(
+            0,
+            &[Desc::R(HDR, 16), Desc::R(DATA, len), Desc::W(STATUS, 1)],
+        )
+        .0
+    }
+
+    /// READ of `len` bytes at `sector` on queue 0, into DATA: the status
+    /// byte and the bytes (what DATA holds after the request).
+    pub fn read_at(&mut self, sector: u64, len: usize) -> (u8, Vec<u8>) {
+        self.header(HDR, VIRTIO_BLK_T_IN, sector);
+        self.fill(DATA, len, 0xee);
+        let len_u32 = u32::try_from(len).unwrap();
+        let (status, _) = self.request(
+            0,
+            &[Desc::R(HDR, 16), Desc::W(DATA, len_u32), Desc::W(STATUS, 1)],
+        );
+        (status, self.read(DATA, len))
+    }
+
+    /// FLUSH on queue 0: the status byte.
+    pub fn flush(&mut self) -> u8 {
+        self.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+        self.request(0, &[Desc::R(HDR, 16), Desc::W(STATUS, 1)]).0
+    }
+
+    /// DISCARD or WRITE_ZEROES (`request_type`) of one segment on queue 0:
+    /// the status byte.
+    pub fn segment_request(
+        &mut self,
+        request_type: u32,
+        sector: u64,
+        num_sectors: u32,
+        flags: u32,
+    ) -> u8 {
+        self.header(HDR, request_type, 0);
+        self.segment(HDR + 16, sector, num_sectors, flags);
+        self.request(0, &[Desc::R(HDR, 32), Desc::W(STATUS, 1)]).0
+    }
+
     pub fn header(&self, at: u64, request_type: u32, sector: u64) {
         let mut header = [0u8; 16];
         header[0..4].copy_from_slice(&request_type.to_le_bytes());
@@ -468,6 +587,10 @@ impl Guest {
         self.mem
             .write_slice(&vec![value; len], GuestAddress(at))
             .unwrap();
+    }
+
+    pub fn write_mem(&self, at: u64, bytes: &[u8]) {
+        self.mem.write_slice(bytes, GuestAddress(at)).unwrap();
     }
 
     pub fn read(&self, at: u64, len: usize) -> Vec<u8> {
