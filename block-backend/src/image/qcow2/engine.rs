@@ -37,10 +37,12 @@ pub enum VirtualOp {
 }
 
 impl VirtualOp {
-    /// Whether the op needs the image to itself (it rewrites tables that
-    /// qcow2-rs caches).
+    /// Whether the op needs the image to itself: DISCARD rewrites tables
+    /// that qcow2-rs caches; FLUSH writes refcounts and then L2 tables, and
+    /// an allocation between the two would put an L2 entry on disk whose
+    /// refcount is not (qcow2-rs's `flush_meta` does not exclude them).
     pub fn is_barrier(&self) -> bool {
-        matches!(self, VirtualOp::Zero { unmap: true, .. })
+        matches!(self, VirtualOp::Zero { unmap: true, .. } | VirtualOp::Flush)
     }
 }
 

@@ -195,7 +195,13 @@ fn build_dev(core: &Rc<IoCore>, chain: &[ChainImage], readonly: bool) -> Result<
         // only sees headers it can parse without panicking.
         let header = Qcow2Header::from_buf(&buf)
             .map_err(|err| format!("{}: {err:?}", image.path.display()))?;
-        let params = Qcow2DevParams::new(BLOCK_BITS, None, None, readonly || is_backing, false);
+        let params = if is_backing {
+            // Read only: evicting its (never dirty) cache entries is safe.
+            Qcow2DevParams::new(BLOCK_BITS, None, None, true, false)
+        } else {
+            let (rb_cache, l2_cache) = cache_sizes(&image.layout);
+            Qcow2DevParams::new(BLOCK_BITS, Some(rb_cache), Some(l2_cache), readonly, false)
+        };
         if is_backing {
             params.mark_backing_dev(Some(true));
         }
@@ -208,6 +214,34 @@ fn build_dev(core: &Rc<IoCore>, chain: &[ChainImage], readonly: bool) -> Result<
         below = Some(dev);
     }
     below.ok_or_else(|| "empty image chain".to_string())
+}
+
+/// qcow2-rs's cache sizes, as (slice bits, bytes) for refcount blocks and
+/// for L2 tables: large enough that nothing is ever evicted.
+///
+/// qcow2-rs defect handled here: an evicted dirty slice is written while
+/// another task may still hold it and change it (the change is then lost
+/// with the slice), and after refcount blocks that are not synced. Without
+/// eviction, tables are only written by FLUSH, which runs alone. Memory
+/// grows with the tables the guest touches: 8 bytes per guest cluster for
+/// L2, 2 per host cluster for refcounts (128 MiB + 32 MiB for a fully
+/// written 1 TiB disk of 64 KiB clusters).
+fn cache_sizes(layout: &Qcow2Layout) -> ((u8, usize), (u8, usize)) {
+    let slice_bits = 12u8.min(layout.cluster_bits as u8);
+    let slice = 1usize << slice_bits;
+    let round = |bytes: u64| -> usize {
+        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX / 2);
+        bytes.max(2 * slice).next_multiple_of(slice)
+    };
+    let guest_clusters = layout.virtual_size.div_ceil(1 << layout.cluster_bits);
+    let l2 = round(guest_clusters.saturating_mul(8));
+    // The file holds the guest's clusters plus metadata; refcounts for
+    // twice that, and for what the file already has.
+    let host_clusters = (layout.file_len >> layout.cluster_bits)
+        .saturating_add(guest_clusters.saturating_mul(2))
+        .saturating_add(1024);
+    let rb = round(host_clusters.saturating_mul(2));
+    ((slice_bits, rb), (slice_bits, l2))
 }
 
 fn read_prefix(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
