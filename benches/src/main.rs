@@ -55,7 +55,7 @@ struct BlkArgs {
         long,
         value_enum,
         default_value = "randread",
-        conflicts_with = "matrix"
+        conflicts_with_all = ["matrix", "format"]
     )]
     rw: blk::Rw,
     /// Block size: bytes, or with k/M suffix (powers of 1024): 4k, 64k, 1M.
@@ -70,7 +70,7 @@ struct BlkArgs {
           value_parser = clap::value_parser!(u32).range(1..=MAX_QUEUES))]
     queues: u32,
     /// Percent of reads, for --rw randrw (default 50).
-    #[arg(long, value_name = "PCT", conflicts_with = "matrix",
+    #[arg(long, value_name = "PCT", conflicts_with_all = ["matrix", "format"],
           value_parser = clap::value_parser!(u32).range(0..=100))]
     rwmixread: Option<u32>,
     /// Seconds per run.
@@ -92,8 +92,16 @@ struct BlkArgs {
     dir: PathBuf,
     /// Run the report's cases: 4k randread and randwrite at iodepth 1, 32,
     /// 128 with 1 and 2 queues, then 1M read and write at iodepth 8.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "format")]
     matrix: bool,
+    /// raw: the cases above. qcow2: warm and cold randwrite and randread
+    /// (--bs, --iodepth, --queues) through ringvm-blk on qcow2, ringvm-blk on
+    /// raw and qemu-storage-daemon on qcow2; no host fio.
+    #[arg(long, value_enum, default_value = "raw")]
+    format: blk::ImageFormat,
+    /// The qemu-img binary, for --format qcow2 (default: on PATH).
+    #[arg(long, value_name = "PATH")]
+    qemu_img: Option<PathBuf>,
     /// Where to write the JSON report.
     #[arg(long, value_name = "PATH", default_value = "ringvm-bench-blk.json")]
     json: PathBuf,
@@ -263,6 +271,23 @@ fn blk_options(args: BlkArgs) -> Result<blk::BlkOptions> {
             args.dir.display()
         );
     }
+    let qcow2 = args.format == blk::ImageFormat::Qcow2;
+    let qemu_img = if qcow2 {
+        let found = args.qemu_img.or_else(|| harness::find_on_path("qemu-img"));
+        Some(found.context(
+            "--format qcow2: qemu-img not found on PATH (install qemu-utils, or pass --qemu-img)",
+        )?)
+    } else {
+        None
+    };
+    let fio = if qcow2 {
+        blk::ToolPlan::Skip(
+            "not run with --format qcow2 (fio would see the qcow2 file, not the disk in it)"
+                .to_string(),
+        )
+    } else {
+        tool_plan(args.no_fio, "fio", args.fio, "fio")
+    };
     let ringvm_blk = match args.ringvm_blk {
         Some(path) => path,
         None => harness::try_binary("ringvm-blk")
@@ -278,8 +303,10 @@ fn blk_options(args: BlkArgs) -> Result<blk::BlkOptions> {
         json: args.json,
         ringvm: ringvm_binary(args.ringvm)?,
         ringvm_blk,
-        fio: tool_plan(args.no_fio, "fio", args.fio, "fio"),
+        fio,
         qsd: tool_plan(args.no_qsd, "qsd", args.qsd, "qemu-storage-daemon"),
+        format: args.format,
+        qemu_img,
     })
 }
 
@@ -301,8 +328,12 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         BenchCommand::Blk(args) => {
-            let report = blk::run(&blk_options(args)?)?;
-            if !report.all_ok() {
+            let options = blk_options(args)?;
+            let all_ok = match options.format {
+                blk::ImageFormat::Raw => blk::run(&options)?.all_ok(),
+                blk::ImageFormat::Qcow2 => blk::qcow2::run(&options)?.all_ok(),
+            };
+            if !all_ok {
                 bail!("some runs failed (listed above; their output was printed to stderr)");
             }
         }
@@ -461,6 +492,48 @@ mod tests {
         let err = options_of(&["--bs", "4M", "--size", "2M"]).unwrap_err();
         assert!(
             err.to_string().starts_with("--size 2097152: smaller than"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn blk_format_qcow2() {
+        assert_eq!(blk_args(&[]).unwrap().format, blk::ImageFormat::Raw);
+        let options = options_of(&[
+            "--format",
+            "qcow2",
+            "--qemu-img",
+            "/x/qemu-img",
+            "--iodepth",
+            "8",
+            "--queues",
+            "2",
+            "--no-qsd",
+        ])
+        .unwrap();
+        assert_eq!(options.format, blk::ImageFormat::Qcow2);
+        assert_eq!(options.qemu_img, Some(PathBuf::from("/x/qemu-img")));
+        assert_eq!(options.cases[0].label(), "4k randread iodepth=8 queues=2");
+        assert!(
+            matches!(&options.fio, blk::ToolPlan::Skip(r) if r.starts_with("not run with --format qcow2"))
+        );
+        for conflicting in [
+            &["--matrix"][..],
+            &["--rw", "randwrite"],
+            &["--rwmixread", "10"],
+        ] {
+            let mut args = vec!["--format", "qcow2"];
+            args.extend_from_slice(conflicting);
+            let err = blk_args(&args).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{args:?}"
+            );
+        }
+        let err = blk_args(&["--format", "vmdk"]).unwrap_err();
+        assert!(
+            err.to_string().contains("[possible values: raw, qcow2]"),
             "{err}"
         );
     }

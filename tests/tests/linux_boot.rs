@@ -17,7 +17,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ringvm_tests::harness::ExitOutcome;
 use ringvm_tests::linux::{
-    initramfs, DiskSpec, EndAction, L2Vmm, LinuxHost, LinuxRun, LinuxSetupError, RunSpec,
+    initramfs, DiskFormat, DiskSpec, EndAction, L2Vmm, LinuxHost, LinuxRun, LinuxSetupError,
+    RunSpec,
 };
 
 /// The guest prints the kernel release and its CPU count.
@@ -255,6 +256,7 @@ fn stock_kernel_runs_fio_verify_on_a_ringvm_blk_disk() {
     spec.disk = Some(DiskSpec {
         size_mib: 64,
         queues: 2,
+        format: DiskFormat::Raw,
     });
     let run = boot(host, &spec);
     assert!(run.vmm_exited_with(0), "{run}");
@@ -285,5 +287,80 @@ fn stock_kernel_runs_fio_verify_on_a_ringvm_blk_disk() {
         run.backend_status,
         Some(0),
         "ringvm-blk exits 0 after ringvm disconnects\n{run}"
+    );
+}
+
+/// The thin qcow2 disk's virtual size, and the region fio writes on it.
+const QCOW2_DISK_MIB: u32 = 256;
+const QCOW2_FIO_MIB: u64 = 64;
+
+/// Stock fio with --verify on a thin qcow2 disk: every 4 KiB write of the
+/// 64 MiB region lands in an unallocated cluster or one an earlier write
+/// allocated, is read back with O_DIRECT and its crc32c checked. Afterwards
+/// the image must pass `qemu-img check` and hold about the region, not the
+/// whole disk.
+#[test]
+fn stock_kernel_runs_fio_verify_on_a_thin_qcow2_disk() {
+    let Some(host) = host() else { return };
+    let command = format!(
+        "cat /sys/block/vda/size && fio --name=verify --filename=/dev/vda --rw=randwrite \
+         --bs=4k --size={QCOW2_FIO_MIB}M --ioengine=libaio --iodepth=16 --direct=1 \
+         --verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=terse \
+         --terse-version=3 && echo fio-verify-done"
+    );
+    let mut spec = RunSpec::new(&command);
+    spec.disk = Some(DiskSpec {
+        size_mib: QCOW2_DISK_MIB,
+        queues: 2,
+        format: DiskFormat::Qcow2,
+    });
+    // 16384 writes and as many verify reads through the guest's kernel.
+    spec.timeout = Some(host.default_timeout() * 2);
+    let run = boot(host, &spec);
+    assert!(run.vmm_exited_with(0), "{run}");
+    assert_eq!(
+        run.result_status(),
+        Some(0),
+        "fio must write and verify the region\n{run}"
+    );
+    let lines = run.output_lines().unwrap_or_default();
+    let sectors = (u64::from(QCOW2_DISK_MIB) << 20) / 512;
+    assert_eq!(
+        lines.first().copied(),
+        Some(sectors.to_string().as_str()),
+        "/dev/vda is the qcow2's virtual size\n{run}"
+    );
+    assert_eq!(lines.last().copied(), Some("fio-verify-done"), "{run}");
+    // Terse v3: field 5 is the job's error code (a verify failure is EILSEQ
+    // with --verify_fatal=1).
+    let errors: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("3;"))
+        .map(|l| l.split(';').nth(4).unwrap_or("?"))
+        .collect();
+    assert_eq!(errors, ["0"], "fio's error field\n{run}");
+    assert_eq!(
+        run.backend_status,
+        Some(0),
+        "ringvm-blk exits 0 after ringvm disconnects\n{run}"
+    );
+    let disk = run.disk.as_ref().expect("a run with a disk reports on it");
+    assert_eq!(
+        disk.check_status,
+        Some(0),
+        "qemu-img check must find the image clean\n{run}"
+    );
+    assert!(
+        disk.check_output
+            .contains("No errors were found on the image."),
+        "{run}"
+    );
+    let allocated = disk.allocated_bytes.expect("the image's allocated bytes");
+    let region = QCOW2_FIO_MIB << 20;
+    assert!(
+        (region..2 * region).contains(&allocated),
+        "the image must hold the {region}-byte region fio wrote and stay thin \
+         ({allocated} bytes allocated of {} virtual)\n{run}",
+        u64::from(QCOW2_DISK_MIB) << 20
     );
 }

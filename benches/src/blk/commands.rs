@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use super::{Case, Work};
+use super::{Case, ImageFormat, Work};
 
 /// Guest RAM: the job's buffers (iodepth x jobs x bs, 8 MiB for 1M x 8) and
 /// queues fit many times over.
@@ -12,10 +12,12 @@ pub const GUEST_MEMORY: &str = "512M";
 /// The guest's job runs on one vCPU, round-robin over its queues.
 pub const GUEST_CPUS: &str = "1";
 
-/// `ringvm-blk` serving `image` on `socket` with the case's queues.
+/// `ringvm-blk` serving `image` on `socket` with the case's queues; with
+/// `format`, told the image's format instead of reading it from the header.
 pub fn ringvm_blk(
     ringvm_blk: &Path,
     image: &Path,
+    format: Option<ImageFormat>,
     socket: &Path,
     case: &Case,
     direct: bool,
@@ -27,6 +29,9 @@ pub fn ringvm_blk(
         .arg(socket)
         .args(["--queues", &case.queues.to_string()])
         .args(["--queue-size", &case.queue_size().to_string()]);
+    if let Some(format) = format {
+        cmd.args(["--format", format.name()]);
+    }
     if direct {
         cmd.arg("--direct");
     }
@@ -61,7 +66,16 @@ fn qemu_escape(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
 
-pub fn qsd(qsd: &Path, image: &Path, socket: &Path, case: &Case, direct: bool) -> Command {
+/// qemu-storage-daemon exporting `image` (through its `format` driver) on
+/// `socket` as a vhost-user-blk device.
+pub fn qsd(
+    qsd: &Path,
+    image: &Path,
+    format: ImageFormat,
+    socket: &Path,
+    case: &Case,
+    direct: bool,
+) -> Command {
     let mut cmd = Command::new(qsd);
     cmd.arg("--blockdev")
         .arg(format!(
@@ -69,7 +83,11 @@ pub fn qsd(qsd: &Path, image: &Path, socket: &Path, case: &Case, direct: bool) -
             qemu_escape(image),
             if direct { "on" } else { "off" }
         ))
-        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+        .arg("--blockdev")
+        .arg(format!(
+            "driver={},node-name=disk0,file=file0",
+            format.name()
+        ))
         .arg("--export")
         .arg(format!(
             "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={},node-name=disk0,\
@@ -77,6 +95,40 @@ pub fn qsd(qsd: &Path, image: &Path, socket: &Path, case: &Case, direct: bool) -
             qemu_escape(socket),
             case.queues
         ));
+    cmd
+}
+
+/// `qemu-img create`: a thin qcow2 of `virtual_bytes` (no cluster allocated).
+pub fn qemu_img_create(
+    qemu_img: &Path,
+    image: &Path,
+    virtual_bytes: u64,
+    cluster_bytes: u64,
+) -> Command {
+    let mut cmd = Command::new(qemu_img);
+    cmd.args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!("cluster_size={cluster_bytes}"))
+        .arg(image)
+        .arg(virtual_bytes.to_string());
+    cmd
+}
+
+/// `qemu-img convert` of the filled raw image into a qcow2 holding the same
+/// data, every cluster allocated (the raw image has no zero block).
+pub fn qemu_img_convert(qemu_img: &Path, raw: &Path, qcow2: &Path, cluster_bytes: u64) -> Command {
+    let mut cmd = Command::new(qemu_img);
+    cmd.args(["convert", "-f", "raw", "-O", "qcow2", "-o"])
+        .arg(format!("cluster_size={cluster_bytes}"))
+        .arg(raw)
+        .arg(qcow2);
+    cmd
+}
+
+/// `qemu-img check` with its JSON report (allocated clusters, errors).
+pub fn qemu_img_check(qemu_img: &Path, image: &Path) -> Command {
+    let mut cmd = Command::new(qemu_img);
+    cmd.args(["check", "-f", "qcow2", "--output=json"])
+        .arg(image);
     cmd
 }
 
@@ -173,6 +225,7 @@ mod tests {
         let cmd = qsd(
             Path::new("qemu-storage-daemon"),
             Path::new("/d,x/disk.img"),
+            ImageFormat::Raw,
             Path::new("/d/qsd.sock"),
             &two,
             false,
@@ -184,6 +237,21 @@ mod tests {
              driver=raw,node-name=disk0,file=file0 --export type=vhost-user-blk,id=exp0,\
              addr.type=unix,addr.path=/d/qsd.sock,node-name=disk0,writable=on,num-queues=2"
         );
+        let cmd = qsd(
+            Path::new("qemu-storage-daemon"),
+            Path::new("/d/cold.qcow2"),
+            ImageFormat::Qcow2,
+            Path::new("/d/qsd.sock"),
+            &RANDREAD,
+            true,
+        );
+        assert_eq!(
+            harness::command_line(&cmd),
+            "qemu-storage-daemon --blockdev driver=file,node-name=file0,\
+             filename=/d/cold.qcow2,aio=io_uring,cache.direct=on --blockdev \
+             driver=qcow2,node-name=disk0,file=file0 --export type=vhost-user-blk,id=exp0,\
+             addr.type=unix,addr.path=/d/qsd.sock,node-name=disk0,writable=on,num-queues=1"
+        );
         let big = Case {
             iodepth: 128,
             ..two
@@ -191,6 +259,31 @@ mod tests {
         assert_eq!(
             disk_spec(Path::new("/d/rb.sock"), &big),
             "socket=/d/rb.sock,num_queues=2,queue_size=512"
+        );
+    }
+
+    #[test]
+    fn qemu_img_commands() {
+        let qemu_img = Path::new("qemu-img");
+        let cmd = qemu_img_create(qemu_img, Path::new("/d/cold.qcow2"), 1 << 40, 65536);
+        assert_eq!(
+            harness::command_line(&cmd),
+            "qemu-img create -q -f qcow2 -o cluster_size=65536 /d/cold.qcow2 1099511627776"
+        );
+        let cmd = qemu_img_convert(
+            qemu_img,
+            Path::new("/d/disk.img"),
+            Path::new("/d/warm.qcow2"),
+            65536,
+        );
+        assert_eq!(
+            harness::command_line(&cmd),
+            "qemu-img convert -f raw -O qcow2 -o cluster_size=65536 /d/disk.img /d/warm.qcow2"
+        );
+        let cmd = qemu_img_check(qemu_img, Path::new("/d/warm.qcow2"));
+        assert_eq!(
+            harness::command_line(&cmd),
+            "qemu-img check -f qcow2 --output=json /d/warm.qcow2"
         );
     }
 
@@ -205,6 +298,7 @@ mod tests {
         let cmd = ringvm_blk(
             Path::new("ringvm-blk"),
             Path::new("/d/disk.img"),
+            None,
             socket,
             &case,
             true,
@@ -213,6 +307,19 @@ mod tests {
             harness::command_line(&cmd),
             "ringvm-blk --image /d/disk.img --socket /d/ringvm-blk.sock --queues 2 \
              --queue-size 512 --direct"
+        );
+        let cmd = ringvm_blk(
+            Path::new("ringvm-blk"),
+            Path::new("/d/warm.qcow2"),
+            Some(ImageFormat::Qcow2),
+            socket,
+            &RANDREAD,
+            false,
+        );
+        assert_eq!(
+            harness::command_line(&cmd),
+            "ringvm-blk --image /d/warm.qcow2 --socket /d/ringvm-blk.sock --queues 1 \
+             --queue-size 256 --format qcow2"
         );
         let cmd = ringvm(
             Path::new("ringvm"),

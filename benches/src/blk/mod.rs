@@ -27,6 +27,8 @@
 mod case;
 mod commands;
 mod parse;
+pub mod qcow2;
+mod qcow2_report;
 mod report;
 
 use std::fs::{self, File};
@@ -42,7 +44,7 @@ use crate::guest::ExportedGuest;
 use crate::host::HostInfo;
 use crate::process::{Finished, Process};
 use crate::tsc::{self, TscRate};
-pub use case::{Case, Completion, Rw, Work};
+pub use case::{Case, Completion, ImageFormat, Rw, Work};
 use commands::{GUEST_CPUS, GUEST_MEMORY};
 use parse::GuestResult;
 pub use report::BlkReport;
@@ -83,6 +85,10 @@ pub enum BlkError {
         #[source]
         source: io::Error,
     },
+    #[error("--format qcow2 needs qemu-img to make and check the images (install qemu-utils)")]
+    NoQemuImg,
+    #[error("making the warm qcow2 image {path}: {detail}")]
+    WarmImage { path: PathBuf, detail: String },
     #[error("writing the JSON report to {path}")]
     WriteJson {
         path: PathBuf,
@@ -111,6 +117,10 @@ pub struct BlkOptions {
     pub ringvm_blk: PathBuf,
     pub fio: ToolPlan,
     pub qsd: ToolPlan,
+    /// `--format`: raw runs the cases as above; qcow2 runs [`qcow2::run`].
+    pub format: ImageFormat,
+    /// qemu-img, which makes and checks the qcow2 images (`--format qcow2`).
+    pub qemu_img: Option<PathBuf>,
 }
 
 impl BlkOptions {
@@ -154,6 +164,18 @@ impl Backend {
     }
 }
 
+/// What one guest run is served from: a backend, the image and its format,
+/// and the run's label in the report.
+#[derive(Clone, Debug)]
+struct Target {
+    backend: Backend,
+    image: PathBuf,
+    /// ringvm-blk's `--format` (absent: it reads the image's header) and
+    /// qemu-storage-daemon's format driver (absent: raw).
+    format: Option<ImageFormat>,
+    label: &'static str,
+}
+
 /// A guest run that did not happen because the guest cannot time runtime=.
 struct RuntimeRefused;
 
@@ -170,52 +192,8 @@ struct Session<'a> {
 }
 
 pub fn run(options: &BlkOptions) -> Result<BlkReport, BlkError> {
-    let guest = ExportedGuest::new().map_err(BlkError::ExportGuest)?;
     let load_start = load_average();
-    let host_tsc = tsc::measure_host();
-    let workdir = tempfile::Builder::new()
-        .prefix("ringvm-bench-blk-")
-        .tempdir_in(&options.dir)
-        .map_err(|source| BlkError::WorkDir {
-            dir: options.dir.clone(),
-            source,
-        })?;
-    let image = workdir.path().join("disk.img");
-    let fill_start = Instant::now();
-    create_image(&image, options.image_bytes).map_err(|source| BlkError::CreateImage {
-        path: image.clone(),
-        len_bytes: options.image_bytes,
-        source,
-    })?;
-    println!(
-        "blk: image {} ({} bytes, filled in {:.1} s), page cache: {}",
-        image.display(),
-        options.image_bytes,
-        fill_start.elapsed().as_secs_f64(),
-        options.page_cache()
-    );
-    println!(
-        "blk: guest {} vCPU, {GUEST_MEMORY}, completion={}; runtime {} s per run; \
-         host TSC {} kHz; load average {load_start}",
-        GUEST_CPUS,
-        options.completion.name(),
-        options.runtime_s,
-        host_tsc.khz
-    );
-    for (name, plan) in [("host fio", &options.fio), ("ringvm+qsd", &options.qsd)] {
-        if let ToolPlan::Skip(reason) = plan {
-            println!("blk: {name} skipped: {reason}");
-        }
-    }
-
-    let mut session = Session {
-        options,
-        guest,
-        workdir,
-        image,
-        host_tsc,
-        size_based: false,
-    };
+    let mut session = Session::open(options, &load_start)?;
     let mut cases = Vec::new();
     for (index, case) in options.cases.iter().enumerate() {
         eprintln!(
@@ -239,12 +217,7 @@ pub fn run(options: &BlkOptions) -> Result<BlkReport, BlkError> {
         completion: options.completion,
         guest_memory: GUEST_MEMORY,
         guest_cpus: GUEST_CPUS,
-        guest_timing: if session.size_based {
-            "size: the guest could not read its TSC rate, so runs were sized by a probe and \
-             its cycles converted with the host-measured TSC rate"
-        } else {
-            "runtime"
-        },
+        guest_timing: session.guest_timing(),
         host_tsc: session.host_tsc.clone(),
         tools: report::Tools::probe(options),
         host: HostInfo::probe(None),
@@ -261,6 +234,68 @@ pub fn run(options: &BlkOptions) -> Result<BlkReport, BlkError> {
     write_json(&options.json, &report)?;
     println!("JSON report: {}", options.json.display());
     Ok(report)
+}
+
+impl<'a> Session<'a> {
+    /// Exports the guest, creates the working directory and the filled raw
+    /// image, and prints what the runs share.
+    fn open(options: &'a BlkOptions, load_start: &str) -> Result<Session<'a>, BlkError> {
+        let guest = ExportedGuest::new().map_err(BlkError::ExportGuest)?;
+        let host_tsc = tsc::measure_host();
+        let workdir = tempfile::Builder::new()
+            .prefix("ringvm-bench-blk-")
+            .tempdir_in(&options.dir)
+            .map_err(|source| BlkError::WorkDir {
+                dir: options.dir.clone(),
+                source,
+            })?;
+        let image = workdir.path().join("disk.img");
+        let fill_start = Instant::now();
+        create_image(&image, options.image_bytes).map_err(|source| BlkError::CreateImage {
+            path: image.clone(),
+            len_bytes: options.image_bytes,
+            source,
+        })?;
+        println!(
+            "blk: image {} ({} bytes, filled in {:.1} s), page cache: {}",
+            image.display(),
+            options.image_bytes,
+            fill_start.elapsed().as_secs_f64(),
+            options.page_cache()
+        );
+        println!(
+            "blk: guest {} vCPU, {GUEST_MEMORY}, completion={}; runtime {} s per run; \
+             host TSC {} kHz; load average {load_start}",
+            GUEST_CPUS,
+            options.completion.name(),
+            options.runtime_s,
+            host_tsc.khz
+        );
+        for (name, plan) in [("host fio", &options.fio), ("ringvm+qsd", &options.qsd)] {
+            if let ToolPlan::Skip(reason) = plan {
+                println!("blk: {name} skipped: {reason}");
+            }
+        }
+
+        Ok(Session {
+            options,
+            guest,
+            workdir,
+            image,
+            host_tsc,
+            size_based: false,
+        })
+    }
+
+    /// How the guest's runs were timed, for the report.
+    fn guest_timing(&self) -> &'static str {
+        if self.size_based {
+            "size: the guest could not read its TSC rate, so runs were sized by a probe and \
+             its cycles converted with the host-measured TSC rate"
+        } else {
+            "runtime"
+        }
+    }
 }
 
 impl Session<'_> {
@@ -283,9 +318,11 @@ impl Session<'_> {
                 seconds: self.options.runtime_s,
             }
         };
-        let ringvm_blk = self.guest_run(Backend::RingvmBlk, case, &mut work);
+        let ringvm_blk = self.guest_run(&self.raw_target(Backend::RingvmBlk), case, &mut work);
         let qsd = match &self.options.qsd {
-            ToolPlan::Run(_) => RunSlot::done(self.guest_run(Backend::Qsd, case, &mut work)),
+            ToolPlan::Run(_) => {
+                RunSlot::done(self.guest_run(&self.raw_target(Backend::Qsd), case, &mut work))
+            }
             ToolPlan::Skip(reason) => RunSlot::Skipped {
                 skipped: reason.clone(),
             },
@@ -310,11 +347,22 @@ impl Session<'_> {
         )
     }
 
+    /// The raw-mode run of `backend`: the session's image, format from its
+    /// header.
+    fn raw_target(&self, backend: Backend) -> Target {
+        Target {
+            backend,
+            image: self.image.clone(),
+            format: None,
+            label: backend.label(),
+        }
+    }
+
     /// A guest run; switches the session to `size=` runs when the guest
     /// refuses `runtime=`, and updates `work` for the rest of the case.
-    fn guest_run(&mut self, backend: Backend, case: &Case, work: &mut Work) -> RunRecord {
+    fn guest_run(&mut self, target: &Target, case: &Case, work: &mut Work) -> RunRecord {
         loop {
-            match self.guest_attempt(backend, case, *work) {
+            match self.guest_attempt(target, case, *work) {
                 Ok(record) => return record,
                 Err(RuntimeRefused) if !self.size_based => {
                     self.size_based = true;
@@ -331,7 +379,7 @@ impl Session<'_> {
                 }
                 Err(RuntimeRefused) => {
                     return RunRecord::failed(
-                        backend.label(),
+                        target.label,
                         "the guest refused runtime= on a size= run".to_string(),
                     )
                 }
@@ -347,7 +395,7 @@ impl Session<'_> {
         let work = Work::Size {
             region_bytes: probe_bytes,
         };
-        let probe = match self.guest_attempt(Backend::RingvmBlk, case, work) {
+        let probe = match self.guest_attempt(&self.raw_target(Backend::RingvmBlk), case, work) {
             Ok(record) => record,
             Err(RuntimeRefused) => {
                 return Err(Box::new(RunRecord::failed(
@@ -376,15 +424,15 @@ impl Session<'_> {
 
     fn guest_attempt(
         &self,
-        backend: Backend,
+        target: &Target,
         case: &Case,
         work: Work,
     ) -> Result<RunRecord, RuntimeRefused> {
-        let label = backend.label();
+        let (backend, label) = (target.backend, target.label);
         let dir = self.workdir.path();
         let socket = dir.join(backend.socket());
         let _ = fs::remove_file(&socket);
-        let backend_cmd = self.backend_command(backend, case, &socket);
+        let backend_cmd = self.backend_command(target, case, &socket);
         let server = match Process::spawn(backend.process_name(), backend_cmd, dir) {
             Ok(process) => process,
             Err(err) => {
@@ -444,7 +492,7 @@ impl Session<'_> {
         {
             return Err(RuntimeRefused);
         }
-        let record = self.guest_record(backend, case, work, &vmm_done, &server_done);
+        let record = self.guest_record(target, case, work, &vmm_done, &server_done);
         if !record.ok {
             eprintln!(
                 "blk: {label} FAILED: {}",
@@ -466,7 +514,7 @@ impl Session<'_> {
     /// each process cost, and whether anything went wrong.
     fn guest_record(
         &self,
-        backend: Backend,
+        target: &Target,
         case: &Case,
         work: Work,
         vmm: &Finished,
@@ -507,7 +555,7 @@ impl Session<'_> {
             }
         };
         let ios = measurement.as_ref().map(Measurement::ios);
-        let counters = match backend {
+        let counters = match target.backend {
             Backend::RingvmBlk => parse::backend_counters(&server.stderr),
             Backend::Qsd => None,
         };
@@ -515,7 +563,7 @@ impl Session<'_> {
             .as_ref()
             .and_then(|g| report::PerIo::of(g, counters.as_ref()));
         RunRecord {
-            label: backend.label(),
+            label: target.label,
             ok: problems.is_empty(),
             error: (!problems.is_empty()).then(|| problems.join("; ")),
             measurement,
@@ -590,11 +638,12 @@ impl Session<'_> {
             + RUN_TIMEOUT_MARGIN
     }
 
-    fn backend_command(&self, backend: Backend, case: &Case, socket: &Path) -> Command {
-        match backend {
+    fn backend_command(&self, target: &Target, case: &Case, socket: &Path) -> Command {
+        match target.backend {
             Backend::RingvmBlk => commands::ringvm_blk(
                 &self.options.ringvm_blk,
-                &self.image,
+                &target.image,
+                target.format,
                 socket,
                 case,
                 self.options.direct,
@@ -603,7 +652,14 @@ impl Session<'_> {
                 let ToolPlan::Run(qsd) = &self.options.qsd else {
                     unreachable!("qsd runs are only made with ToolPlan::Run")
                 };
-                commands::qsd(qsd, &self.image, socket, case, self.options.direct)
+                commands::qsd(
+                    qsd,
+                    &target.image,
+                    target.format.unwrap_or(ImageFormat::Raw),
+                    socket,
+                    case,
+                    self.options.direct,
+                )
             }
         }
     }
@@ -695,7 +751,7 @@ fn load_average() -> String {
 }
 
 /// Writes through a temporary file so that a reader never sees half a report.
-fn write_json(path: &Path, report: &BlkReport) -> Result<(), BlkError> {
+fn write_json<T: serde::Serialize>(path: &Path, report: &T) -> Result<(), BlkError> {
     crate::json::write_atomic(path, report).map_err(|source| BlkError::WriteJson {
         path: path.to_path_buf(),
         source,
@@ -727,6 +783,8 @@ mod tests {
             ringvm_blk: PathBuf::from("ringvm-blk"),
             fio: ToolPlan::Run(PathBuf::from("fio")),
             qsd: ToolPlan::Skip("--no-qsd".to_string()),
+            format: ImageFormat::Raw,
+            qemu_img: None,
         }
     }
 

@@ -276,14 +276,14 @@ impl RunRecord {
         }
     }
 
-    fn cost(&self, name: &str) -> Option<f64> {
+    pub(super) fn cost(&self, name: &str) -> Option<f64> {
         self.processes
             .iter()
             .find(|p| p.name == name)
             .and_then(|p| p.cpu_us_per_io)
     }
 
-    fn cost_label(&self) -> String {
+    pub(super) fn cost_label(&self) -> String {
         self.processes
             .iter()
             .map(|p| format!("{} {}", p.name, fmt_opt(p.cpu_us_per_io, 2)))
@@ -313,7 +313,7 @@ impl RunSlot {
         }
     }
 
-    fn record(&self) -> Option<&RunRecord> {
+    pub(super) fn record(&self) -> Option<&RunRecord> {
         match self {
             RunSlot::Done(record) => Some(record),
             RunSlot::Skipped { .. } => None,
@@ -669,7 +669,7 @@ impl BlkReport {
 }
 
 /// `value` with `decimals`, or `-`.
-fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
+pub(super) fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
     value.map_or("-".to_string(), |v| format!("{v:.decimals$}"))
 }
 

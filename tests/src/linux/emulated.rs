@@ -23,8 +23,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{
-    shell_quote, shell_words, DiskSpec, HostMode, L1Report, LinuxHost, LinuxRun, RunSpec,
-    DISK_IMAGE, DISK_SOCKET, INIT_MARKER, L1_BOOT_BUDGET,
+    shell_quote, shell_words, DiskReport, DiskSpec, HostMode, L1Report, LinuxHost, LinuxRun,
+    RunSpec, DISK_SOCKET, INIT_MARKER, L1_BOOT_BUDGET,
 };
 use crate::harness::{command_line, run_bounded, ExitOutcome};
 
@@ -50,6 +50,7 @@ const L1_PREFIX: &str = "RINGVM-L1: ";
 const L2_PREFIX: &str = "RINGVM-L2 ";
 const L2_STDERR_PREFIX: &str = "RINGVM-L2ERR ";
 const BACKEND_PREFIX: &str = "RINGVM-BACKEND ";
+const CHECK_PREFIX: &str = "RINGVM-CHECK ";
 /// GNU timeout's status when the command timed out.
 const TIMEOUT_STATUS: i32 = 124;
 
@@ -133,6 +134,7 @@ pub(super) fn run(
         }),
         backend_status: framed.backend_status,
         backend_log: framed.backend_log,
+        disk: spec.disk.map(|_| framed.disk),
         wall: started.elapsed(),
     })
 }
@@ -167,6 +169,7 @@ fn job_script(
          # Written by ringvm-tests' linux harness (tests/src/linux/emulated.rs);\n\
          # run by the emulated host's /init, chrooted into the host root.\n",
     );
+    let work_path = work;
     let work = shell_quote(&work.to_string_lossy());
     writeln!(script, "work={work}").expect("writing to a String");
     script.push_str(
@@ -183,13 +186,13 @@ fn job_script(
         // The disk lives in L1's tmpfs; the backend is up before the VMM.
         write!(
             script,
-            r#"truncate -s {size}M "$work/{DISK_IMAGE}"
+            r#"{create} || echo "RINGVM-L1: error: creating the disk image failed"
 {blk} > "$work/backend.log" 2>&1 &
 backend=$!
 n=0
 while [ ! -S "$work/{DISK_SOCKET}" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
 "#,
-            size = disk.size_mib,
+            create = shell_words(&disk.create_argv(work_path)),
             blk = shell_words(argv),
         )
         .expect("writing to a String");
@@ -217,7 +220,7 @@ done < "$work/vmm.stderr"
 "#
     )
     .expect("writing to a String");
-    if backend.is_some() {
+    if let Some((disk, _)) = backend {
         script.push_str(
             r#"wait $backend
 echo "RINGVM-L1: backend-exit $?"
@@ -226,6 +229,26 @@ while IFS= read -r line || [ -n "$line" ]; do
 done < "$work/backend.log"
 "#,
         );
+        // The image lives in L1's tmpfs, gone with L1: report on it here.
+        let image = format!("\"$work/{}\"", disk.image_name());
+        writeln!(
+            script,
+            "blocks=$(stat -c %b {image}) && echo \"RINGVM-L1: disk-allocated $((blocks * 512))\""
+        )
+        .expect("writing to a String");
+        if let Some(argv) = disk.check_argv(work_path) {
+            write!(
+                script,
+                r#"{check} > "$work/check.log" 2>&1
+echo "RINGVM-L1: disk-check $?"
+while IFS= read -r line || [ -n "$line" ]; do
+    printf 'RINGVM-CHECK %s\n' "$line"
+done < "$work/check.log"
+"#,
+                check = shell_words(&argv)
+            )
+            .expect("writing to a String");
+        }
     }
     script
 }
@@ -238,6 +261,7 @@ struct Framed {
     l1_console: String,
     backend_log: String,
     backend_status: Option<i32>,
+    disk: DiskReport,
     vmm_status: Option<ExitOutcome>,
     to_init: Option<Duration>,
     to_exit: Option<Duration>,
@@ -266,6 +290,11 @@ fn parse_console(stdout: &str) -> Framed {
             framed.backend_log.push('\n');
             continue;
         }
+        if let Some(text) = line.strip_prefix(CHECK_PREFIX) {
+            framed.disk.check_output.push_str(text);
+            framed.disk.check_output.push('\n');
+            continue;
+        }
         if let Some(text) = line.strip_prefix(L2_STDERR_PREFIX) {
             framed.vmm_stderr.push_str(text);
             framed.vmm_stderr.push('\n');
@@ -285,6 +314,8 @@ fn parse_console(stdout: &str) -> Framed {
                 framed.to_exit = since(framed.vmm_start_uptime, uptime(up));
             }
             ["backend-exit", status] => framed.backend_status = status.parse().ok(),
+            ["disk-allocated", bytes] => framed.disk.allocated_bytes = bytes.parse().ok(),
+            ["disk-check", status] => framed.disk.check_status = status.parse().ok(),
             ["error:", ..] => framed
                 .errors
                 .push(event["error:".len()..].trim().to_owned()),
@@ -389,6 +420,7 @@ RINGVM-L1: job-status 0\r
             DiskSpec {
                 size_mib: 64,
                 queues: 2,
+                format: super::super::DiskFormat::Raw,
             },
             vec![
                 "/target/ringvm-blk".to_owned(),
@@ -403,7 +435,7 @@ RINGVM-L1: job-status 0\r
             Duration::from_secs(240),
         );
         assert!(
-            with_disk.contains("truncate -s 64M \"$work/disk.raw\""),
+            with_disk.contains("truncate -s 64M /tmp/ringvm-l1-x/l1-tmp/disk.raw"),
             "{with_disk}"
         );
         assert!(
@@ -415,6 +447,45 @@ RINGVM-L1: job-status 0\r
             "the backend starts before the VMM\n{with_disk}"
         );
         assert!(with_disk.contains("backend-exit"), "{with_disk}");
+        assert!(with_disk.contains("disk-allocated"), "{with_disk}");
+        assert!(!with_disk.contains("qemu-img"), "{with_disk}");
+        let qcow2 = (
+            DiskSpec {
+                format: super::super::DiskFormat::Qcow2,
+                ..blk.0
+            },
+            blk.1.clone(),
+        );
+        let with_qcow2 = job_script(
+            Path::new("/tmp/ringvm-l1-x/l1-tmp"),
+            &argv,
+            Some(&qcow2),
+            Duration::from_secs(240),
+        );
+        assert!(
+            with_qcow2
+                .contains("qemu-img create -q -f qcow2 /tmp/ringvm-l1-x/l1-tmp/disk.qcow2 64M"),
+            "{with_qcow2}"
+        );
+        assert!(
+            with_qcow2.find("backend-exit").unwrap()
+                < with_qcow2
+                    .find("qemu-img check -f qcow2 /tmp/ringvm-l1-x/l1-tmp/disk.qcow2")
+                    .unwrap(),
+            "the image is checked after ringvm-blk exits\n{with_qcow2}"
+        );
+        let framed = parse_console(
+            "RINGVM-L1: backend-exit 0\nRINGVM-L1: disk-allocated 1310720\n\
+             RINGVM-L1: disk-check 0\nRINGVM-CHECK No errors were found on the image.\n",
+        );
+        assert_eq!(
+            framed.disk,
+            DiskReport {
+                allocated_bytes: Some(1_310_720),
+                check_status: Some(0),
+                check_output: "No errors were found on the image.\n".to_owned(),
+            }
+        );
         assert!(
             script.contains("work=/tmp/ringvm-l1-x/l1-tmp\n"),
             "{script}"

@@ -246,18 +246,84 @@ impl EndAction {
     }
 }
 
-/// A raw image of `size_mib` in the run's work directory (a tmpfs in emulated
+/// An image of `size_mib` in the run's work directory (a tmpfs in emulated
 /// mode), served by `ringvm-blk --queues queues` on `blk.sock` there and
-/// attached with `--disk`; the guest sees it as /dev/vda.
+/// attached with `--disk`; the guest sees it as /dev/vda. ringvm-blk finds
+/// the format in the image's header. After ringvm-blk exits the run reports
+/// the image's allocated bytes and, for qcow2, `qemu-img check`
+/// ([`LinuxRun::disk`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DiskSpec {
     pub size_mib: u32,
     pub queues: u16,
+    pub format: DiskFormat,
+}
+
+/// How the harness creates the disk image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// A sparse raw file (`truncate -s`).
+    Raw,
+    /// A thin qcow2, no cluster allocated (`qemu-img create -f qcow2`).
+    Qcow2,
+}
+
+impl DiskSpec {
+    /// The image's file name in the run's work directory.
+    pub(crate) fn image_name(&self) -> &'static str {
+        match self.format {
+            DiskFormat::Raw => "disk.raw",
+            DiskFormat::Qcow2 => "disk.qcow2",
+        }
+    }
+
+    /// The command that creates the image in `work`.
+    pub(crate) fn create_argv(&self, work: &Path) -> Vec<String> {
+        let image = work.join(self.image_name()).to_string_lossy().into_owned();
+        let size = format!("{}M", self.size_mib);
+        match self.format {
+            DiskFormat::Raw => vec!["truncate".into(), "-s".into(), size, image],
+            DiskFormat::Qcow2 => vec![
+                "qemu-img".into(),
+                "create".into(),
+                "-q".into(),
+                "-f".into(),
+                "qcow2".into(),
+                image,
+                size,
+            ],
+        }
+    }
+
+    /// `qemu-img check` of the image in `work` (qcow2 only).
+    pub(crate) fn check_argv(&self, work: &Path) -> Option<Vec<String>> {
+        (self.format == DiskFormat::Qcow2).then(|| {
+            let image = work.join(self.image_name()).to_string_lossy().into_owned();
+            vec![
+                "qemu-img".into(),
+                "check".into(),
+                "-f".into(),
+                "qcow2".into(),
+                image,
+            ]
+        })
+    }
+}
+
+/// The disk image after ringvm-blk exited.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskReport {
+    /// st_blocks * 512 of the image file.
+    pub allocated_bytes: Option<u64>,
+    /// `qemu-img check` (qcow2 images): its exit status and output.
+    pub check_status: Option<i32>,
+    pub check_output: String,
 }
 
 /// File names of the disk in the run's work directory.
-pub(crate) const DISK_IMAGE: &str = "disk.raw";
 pub(crate) const DISK_SOCKET: &str = "blk.sock";
+/// Bound on creating and checking a disk image (qemu-img, truncate).
+const DISK_TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the backend may take to create its socket.
 const BACKEND_SOCKET_WAIT: Duration = Duration::from_secs(30);
 
@@ -365,6 +431,8 @@ pub struct LinuxRun {
     /// ringvm-blk's exit status and log, when the run had a disk.
     pub backend_status: Option<i32>,
     pub backend_log: String,
+    /// The disk image after ringvm-blk exited, when the run had a disk.
+    pub disk: Option<DiskReport>,
     /// The whole run as this process saw it (including L1).
     pub wall: Duration,
 }
@@ -474,6 +542,16 @@ impl fmt::Display for LinuxRun {
             section(
                 &format!("ringvm-blk (exit {:?})", self.backend_status),
                 &self.backend_log,
+            )?;
+        }
+        if let Some(disk) = &self.disk {
+            section(
+                &format!(
+                    "disk image after ringvm-blk: {:?} bytes allocated, qemu-img check \
+                     status {:?}",
+                    disk.allocated_bytes, disk.check_status
+                ),
+                &disk.check_output,
             )?;
         }
         if let Some(l1) = &self.l1 {
@@ -615,7 +693,7 @@ impl LinuxHost {
         Ok(vec![
             blk.to_string_lossy().into_owned(),
             "--image".into(),
-            work.join(DISK_IMAGE).to_string_lossy().into_owned(),
+            work.join(disk.image_name()).to_string_lossy().into_owned(),
             "--socket".into(),
             work.join(DISK_SOCKET).to_string_lossy().into_owned(),
             "--queues".into(),
@@ -694,7 +772,7 @@ impl LinuxHost {
         let started = Instant::now();
         let mut backend = match spec.disk {
             Some(disk) => {
-                fs::File::create(work.join(DISK_IMAGE))?.set_len(u64::from(disk.size_mib) << 20)?;
+                run_to_success(&disk.create_argv(work))?;
                 let argv = Self::backend_argv(disk, work)?;
                 let child = Command::new(&argv[0])
                     .args(&argv[1..])
@@ -730,6 +808,7 @@ impl LinuxHost {
             }
         });
         let backend_log = fs::read_to_string(work.join("backend.log")).unwrap_or_default();
+        let disk = spec.disk.map(|disk| disk_report(&disk, work));
         let out = out?;
         Ok(LinuxRun {
             mode: HostMode::Direct,
@@ -743,8 +822,58 @@ impl LinuxHost {
             l1: None,
             backend_status,
             backend_log,
+            disk,
             wall: started.elapsed(),
         })
+    }
+}
+
+/// Runs `argv` (bounded) and fails unless it exits 0.
+fn run_to_success(argv: &[String]) -> io::Result<()> {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    let out = run_bounded(cmd, DISK_TOOL_TIMEOUT, None)?;
+    if out.status == ExitOutcome::Exited(0) {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "`{}` {}: {}{}",
+            shell_words(argv),
+            out.status,
+            out.stdout,
+            out.stderr
+        )))
+    }
+}
+
+/// The image after ringvm-blk exited (direct mode): its allocated bytes and,
+/// for qcow2, `qemu-img check`.
+fn disk_report(disk: &DiskSpec, work: &Path) -> DiskReport {
+    use std::os::unix::fs::MetadataExt;
+    let allocated_bytes = fs::metadata(work.join(disk.image_name()))
+        .ok()
+        .map(|meta| meta.blocks() * 512);
+    let (check_status, check_output) = match disk.check_argv(work) {
+        Some(argv) => {
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..]);
+            match run_bounded(cmd, DISK_TOOL_TIMEOUT, None) {
+                Ok(out) => (
+                    match out.status {
+                        ExitOutcome::Exited(code) => Some(code),
+                        _ => None,
+                    },
+                    format!("{}{}", out.stdout, out.stderr),
+                ),
+                Err(err) => (None, format!("running {}: {err}", shell_words(&argv))),
+            }
+        }
+        None => (None, String::new()),
+    };
+    DiskReport {
+        allocated_bytes,
+        check_status,
+        check_output,
     }
 }
 
@@ -893,6 +1022,7 @@ mod tests {
             l1: None,
             backend_status: None,
             backend_log: String::new(),
+            disk: None,
             wall: Duration::ZERO,
         }
     }
