@@ -328,6 +328,7 @@ fn run(
     stop: Arc<AtomicBool>,
     opened: mpsc::Sender<Result<(), String>>,
 ) {
+    block_signals();
     let OwnerConfig {
         chain,
         bad,
@@ -463,6 +464,26 @@ fn run(
         wait_for_events(inbox.event.as_raw_fd(), core.completion_fd());
     }
     close(&state);
+}
+
+/// The owner thread is started before the daemon blocks SIGTERM, SIGINT and
+/// SIGUSR1 (to read them from a signalfd): it blocks every signal itself,
+/// so that none is delivered to it (whose default action would end the
+/// process without writing the metadata).
+fn block_signals() {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigfillset initialises the set it is given; pthread_sigmask
+    // reads the initialised set and does not ask for the old mask.
+    let ret = unsafe {
+        libc::sigfillset(set.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut())
+    };
+    if ret != 0 {
+        warn!(
+            "qcow2: cannot block signals in the owner thread: {}",
+            std::io::Error::from_raw_os_error(ret)
+        );
+    }
 }
 
 /// Sleeps until a request arrives or the ring completes something.
