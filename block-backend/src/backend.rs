@@ -49,7 +49,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::counters::Counters;
-use crate::engine::{best_engine, EngineError};
+use crate::engine::{best_engine, Completer, EngineError};
 use crate::image::ImageFormat;
 use crate::queue::{
     engine_files, GuestRam, GuestRamAtomic, QueueSettings, QueueWorker, Vring, ID_BYTES,
@@ -128,7 +128,7 @@ pub struct BlkBackend {
     queue_size: u16,
     features: u64,
     config: Vec<u8>,
-    workers: Vec<Mutex<QueueWorker>>,
+    workers: Vec<Arc<Mutex<QueueWorker>>>,
     completion_fds: Vec<Option<RawFd>>,
 }
 
@@ -194,7 +194,7 @@ impl BlkBackend {
                 );
             }
             completion_fds.push(engine.completion_fd());
-            workers.push(Mutex::new(QueueWorker::new(
+            workers.push(Arc::new(Mutex::new(QueueWorker::new(
                 queue,
                 Arc::clone(&image),
                 engine,
@@ -202,7 +202,23 @@ impl BlkBackend {
                 settings,
                 options.queue_size,
                 Arc::clone(&counters.queues[usize::from(queue)]),
-            )));
+            ))));
+        }
+        for worker in &workers {
+            let weak = Arc::downgrade(worker);
+            let complete: Completer = Arc::new(move || {
+                weak.upgrade().is_some_and(|worker| {
+                    // Busy (its thread is serving a kick or draining): it
+                    // gets the eventfd signal instead.
+                    worker
+                        .try_lock()
+                        .is_ok_and(|mut worker| worker.on_completion_elsewhere())
+                })
+            });
+            worker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_completer(complete);
         }
         Ok(BlkBackend {
             num_queues: usize::from(options.num_queues),

@@ -142,6 +142,11 @@ pub enum EngineError {
     SubmissionQueueFull,
 }
 
+/// Hands an engine's completions to its queue from the thread they arrive
+/// on; returns false when the queue is busy (see
+/// [`Engine::set_completer`]).
+pub type Completer = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
 pub trait Engine: Send {
     /// For logs: "io_uring" or "sync".
     fn name(&self) -> &'static str;
@@ -176,6 +181,13 @@ pub trait Engine: Send {
 
     /// Resets the completion eventfd; call before reaping.
     fn clear_completion_fd(&self);
+
+    /// For engines whose completions are produced by another thread (the
+    /// qcow2 owner): that thread calls `complete` to have the queue reap
+    /// them at once, and signals the completion eventfd only when it
+    /// returns false. Saves the queue thread a wakeup per batch. Engines
+    /// completed by the kernel ignore it.
+    fn set_completer(&mut self, _complete: Completer) {}
 }
 
 /// Duplicates `files` so that an engine owns its descriptors: closing the

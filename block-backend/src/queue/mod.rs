@@ -264,6 +264,24 @@ impl QueueWorker {
         self.publish(&mut state);
     }
 
+    /// Reaps and answers completions from the thread that produced them
+    /// (see `Engine::set_completer`); false when the queue has not seen
+    /// its vring yet or is stopped.
+    pub fn on_completion_elsewhere(&mut self) -> bool {
+        let Some(vring) = self.vring.clone() else {
+            return false;
+        };
+        if self.stopped {
+            return false;
+        }
+        self.on_completion(&vring);
+        true
+    }
+
+    pub fn set_completer(&mut self, complete: crate::engine::Completer) {
+        self.engine.set_completer(complete);
+    }
+
     /// Waits for every operation in flight and puts its chain in the used
     /// ring (GET_VRING_BASE, reset, exit). Returns the number of chains.
     pub fn drain(&mut self) -> usize {

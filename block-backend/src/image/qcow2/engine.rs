@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::engine::{Completion, Engine, EngineError, EngineOp, FallocateMode, IoVec};
+use crate::engine::{Completer, Completion, Engine, EngineError, EngineOp, FallocateMode, IoVec};
 
 /// What a queue asks of the virtual disk.
 #[derive(Debug)]
@@ -47,10 +47,16 @@ impl VirtualOp {
 }
 
 /// Where the owner puts a queue's completions.
-#[derive(Debug)]
 pub struct Mailbox {
     done: Mutex<Vec<Completion>>,
     event: EventFd,
+    completer: Mutex<Option<Completer>>,
+}
+
+impl std::fmt::Debug for Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailbox").finish_non_exhaustive()
+    }
 }
 
 impl Mailbox {
@@ -66,6 +72,19 @@ impl Mailbox {
         // An eventfd write fails only when the counter would overflow,
         // which leaves it readable anyway.
         let _ = self.event.write(1);
+    }
+
+    /// Called by the owner after posting a batch: the queue reaps it from
+    /// this thread if it can, else its thread is woken.
+    pub fn deliver(&self) {
+        let completer = self
+            .completer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if !completer.is_some_and(|complete| complete()) {
+            self.signal();
+        }
     }
 }
 
@@ -122,6 +141,7 @@ impl QueueEngine {
             mailbox: Arc::new(Mailbox {
                 done: Mutex::new(Vec::new()),
                 event,
+                completer: Mutex::new(None),
             }),
             pending: Vec::new(),
             in_flight: 0,
@@ -237,6 +257,14 @@ impl Engine for QueueEngine {
 
     fn clear_completion_fd(&self) {
         let _ = self.mailbox.event.read();
+    }
+
+    fn set_completer(&mut self, complete: Completer) {
+        *self
+            .mailbox
+            .completer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(complete);
     }
 }
 

@@ -444,7 +444,7 @@ fn run(
                 let key = Arc::as_ptr(mailbox);
                 if !signalled.contains(&key) {
                     signalled.push(key);
-                    mailbox.signal();
+                    mailbox.deliver();
                 }
             }
             batch.clear();
