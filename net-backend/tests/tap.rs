@@ -203,3 +203,60 @@ fn two_pairs_each_with_a_tap_queue() {
     assert!(status.success(), "{status}: {}", backend.stderr());
     assert_eq!(backend.counters()["tx_frames"], 1);
 }
+
+#[test]
+fn without_receive_buffers_the_tap_waits_for_the_rx_kick() {
+    let ns = Netns::new();
+    ns.add_tap(TAP, true);
+    let host = ns.packet_socket(TAP);
+    let mut backend = Backend::start(&ns, TAP, &[]);
+    // One frame per chain: MRG_RXBUF refused.
+    let mut g = Guest::connect_without(&backend.socket, 2, true, 1 << VIRTIO_NET_F_MRG_RXBUF);
+    let post = |g: &mut Guest, first: u16, count: u16| {
+        for i in first..first + count {
+            let at = RX_BUFS + u64::from(i) * u64::from(RX_BUF_BYTES);
+            g.submit_at(RXQ, i, &[W(at, RX_BUF_BYTES)]);
+        }
+        g.kick(RXQ);
+    };
+    post(&mut g, 0, 2);
+    let frames: Vec<Vec<u8>> = (0..4)
+        .map(|seed| frame(MAC, [0x02, 0, 0, 0, 0, 1], 100, seed))
+        .collect();
+    for f in &frames[..3] {
+        host.send(f);
+    }
+    let mut entries = Vec::new();
+    let mut seen = 0;
+    while entries.len() < 2 {
+        entries.extend(g.wait_used_entries(RXQ, &mut seen));
+    }
+    assert_eq!(entries.len(), 2, "two chains, two frames");
+
+    // Out of buffers: a frame more must not wake the backend.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let idle = backend.dump_counters();
+    assert!(idle["rx_no_buffers"] >= 1, "{idle:?}");
+    host.send(&frames[3]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let later = backend.dump_counters();
+    assert_eq!(later["tap_wakeups"], idle["tap_wakeups"], "{later:?}");
+    assert_eq!(later["rx_frames"], 2, "{later:?}");
+
+    // New buffers and a kick: the frames that waited in the tap arrive.
+    post(&mut g, 2, 2);
+    while entries.len() < 4 {
+        entries.extend(g.wait_used_entries(RXQ, &mut seen));
+    }
+    let mut got = Vec::new();
+    for &(id, len) in &entries {
+        assert_eq!(len as usize, 12 + frames[0].len());
+        let at = RX_BUFS + u64::from(id) * u64::from(RX_BUF_BYTES);
+        let header = g.read(at, 12);
+        assert_eq!(u16::from_le_bytes([header[10], header[11]]), 1);
+        got.push(g.read(at + 12, frames[0].len()));
+    }
+    assert_eq!(got, frames);
+    drop(g);
+    assert!(backend.wait_exit().success(), "{}", backend.stderr());
+}

@@ -277,6 +277,30 @@ impl Backend {
         self.stderr.lock().unwrap().clone()
     }
 
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of our own child, which has not been
+        // reaped yet (wait_exit reaps it), so the pid is still its.
+        let ret = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(ret, 0);
+    }
+
+    /// Asks for a counter dump (SIGUSR1) and returns it once it is on stderr.
+    pub fn dump_counters(&self) -> HashMap<String, u64> {
+        let dumps = |stderr: &str| stderr.matches("counters: ").count();
+        let before = dumps(&self.stderr());
+        self.signal(libc::SIGUSR1);
+        let deadline = Instant::now() + TIMEOUT;
+        while dumps(&self.stderr()) == before {
+            assert!(
+                Instant::now() < deadline,
+                "no counter dump after SIGUSR1: {}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.counters()
+    }
+
     pub fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -366,10 +390,20 @@ impl Guest {
     /// Connects and negotiates like a VMM (every offered feature, EVENT_IDX
     /// as asked), without setting up queues.
     pub fn negotiate(socket: &Path, num_queues: u64, event_idx: bool) -> Guest {
+        Self::negotiate_without(socket, num_queues, event_idx, 0)
+    }
+
+    /// Negotiates every offered feature but those in `refused`.
+    pub fn negotiate_without(
+        socket: &Path,
+        num_queues: u64,
+        event_idx: bool,
+        refused: u64,
+    ) -> Guest {
         let mut frontend = Frontend::connect(socket, num_queues).unwrap();
         frontend.set_owner().unwrap();
         let offered = frontend.get_features().unwrap();
-        let mut features = offered;
+        let mut features = offered & !refused;
         if !event_idx {
             features &= !(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
         }
@@ -406,7 +440,12 @@ impl Guest {
 
     /// Connects, negotiates, shares memory and starts `num_queues` queues.
     pub fn connect(socket: &Path, num_queues: u64, event_idx: bool) -> Guest {
-        let mut guest = Self::negotiate(socket, num_queues, event_idx);
+        Self::connect_without(socket, num_queues, event_idx, 0)
+    }
+
+    /// `connect`, refusing the features in `refused`.
+    pub fn connect_without(socket: &Path, num_queues: u64, event_idx: bool, refused: u64) -> Guest {
+        let mut guest = Self::negotiate_without(socket, num_queues, event_idx, refused);
         guest.share_memory();
         for q in 0..num_queues as usize {
             guest.start_queue(q);
