@@ -150,7 +150,8 @@ impl PairWorker {
                 self.set_watching(false);
                 break;
             }
-            if self.stash.iovecs(&mem, mergeable, &mut iovecs).is_err() {
+            if let Err(err) = self.stash.iovecs(&mem, mergeable, &mut iovecs) {
+                self.warn(format_args!("{err}; returning the receive chains taken"));
                 bad.extend(self.stash.take_all());
                 continue;
             }

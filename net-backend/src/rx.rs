@@ -25,6 +25,13 @@ pub const RX_MERGE_BYTES: usize = VNET_HDR_BYTES + 65535 + 18;
 /// Offset of num_buffers in virtio_net_hdr_v1.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
+#[derive(Debug, thiserror::Error)]
+pub enum RxError {
+    /// The memory table changed since the chain was taken.
+    #[error("a receive buffer at {0:#x} is no longer in guest memory")]
+    OutsideMemory(u64),
+}
+
 /// One receive chain: its head and its device-writable buffers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RxChain {
@@ -126,24 +133,24 @@ impl RxStash {
     }
 
     /// The iovecs a frame is read into: the first chain's buffers, or every
-    /// chain's with `mergeable`. Err(()) when guest memory no longer holds
+    /// chain's with `mergeable`. An error when guest memory no longer holds
     /// them (a new memory table): the caller returns the stash.
-    #[allow(clippy::result_unit_err)]
     pub fn iovecs<'m>(
         &self,
         mem: &'m GuestRam,
         mergeable: bool,
         iovecs: &mut Vec<IoVec<'m>>,
-    ) -> Result<(), ()> {
+    ) -> Result<(), RxError> {
         iovecs.clear();
         let take = if mergeable { self.chains.len() } else { 1 };
         for chain in self.chains.iter().take(take) {
             for &(addr, len) in &chain.buffers {
+                let outside = |_| RxError::OutsideMemory(addr.raw_value());
                 let slices = mem
                     .get_slices(addr, len as usize, Permissions::Write)
-                    .map_err(|_| ())?;
+                    .map_err(outside)?;
                 for slice in slices {
-                    iovecs.push(IoVec::from_volatile(&slice.map_err(|_| ())?));
+                    iovecs.push(IoVec::from_volatile(&slice.map_err(outside)?));
                 }
             }
         }

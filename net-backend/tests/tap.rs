@@ -118,6 +118,11 @@ fn frames_go_both_ways_through_the_tap() {
     assert_eq!(counters["tx_bad_short"], 1, "{counters:?}");
     assert!(counters["rx_frames"] >= 1, "{counters:?}");
     assert_eq!(counters["frontends"], 1);
+    assert!(
+        !backend.stderr().contains("cannot set offloads"),
+        "{}",
+        backend.stderr()
+    );
 }
 
 /// The first frame of ours among the used RX entries: its num_buffers and
