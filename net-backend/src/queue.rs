@@ -26,7 +26,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::counters::{add, inc, PairCounters};
 use crate::rx::RxStash;
-use crate::tap::FrameFd;
+use crate::tap::{FrameFd, IoVec};
 use crate::tx::tx_iovecs;
 
 /// Guest RAM as the backend maps it from the frontend's memory table.
@@ -133,6 +133,11 @@ impl PairWorker {
         let mut state = rx.get_mut();
         let mut bad = Vec::new();
         let mut used = Vec::new();
+        // One byte past the guest's buffers: a frame that reaches it did
+        // not fit (tun cuts a frame to the buffers it is read into and
+        // says nothing).
+        let mut spill = [0u8; 1];
+        let spill = IoVec::from_mut(&mut spill);
         let mut iovecs = Vec::new();
         let mut frames = 0;
         while frames < MAX_RX_FRAMES_PER_WAKEUP {
@@ -155,19 +160,26 @@ impl PairWorker {
                 bad.extend(self.stash.take_all());
                 continue;
             }
+            iovecs.push(spill);
             let read = self.tap.read_frame(&iovecs);
             iovecs.clear();
             match read {
                 Ok(None) => break,
                 Ok(Some(n)) => {
                     let frame = self.stash.complete(&mem, n, mergeable);
+                    frames += 1;
                     if frame.truncated {
+                        // Dropped: its chains go back empty.
                         inc(&self.counters.rx_truncated);
+                        self.warn(format_args!(
+                            "dropped a frame longer than the receive buffers offered for it"
+                        ));
+                        used.extend(frame.used.into_iter().map(|(head, _)| (head, 0)));
+                        continue;
                     }
                     used.extend(frame.used);
                     inc(&self.counters.rx_frames);
                     add(&self.counters.rx_bytes, n as u64);
-                    frames += 1;
                 }
                 Err(err) => {
                     inc(&self.counters.rx_errors);

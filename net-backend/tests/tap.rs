@@ -265,3 +265,39 @@ fn without_receive_buffers_the_tap_waits_for_the_rx_kick() {
     drop(g);
     assert!(backend.wait_exit().success(), "{}", backend.stderr());
 }
+
+#[test]
+fn a_frame_longer_than_a_lone_buffer_is_dropped_and_counted() {
+    let ns = Netns::new();
+    ns.add_tap(TAP, true);
+    let host = ns.packet_socket(TAP);
+    let mut backend = Backend::start(&ns, TAP, &[]);
+    let mut g = Guest::connect_without(&backend.socket, 2, true, 1 << VIRTIO_NET_F_MRG_RXBUF);
+    g.submit(RXQ, &[W(RX_BUFS, RX_BUF_BYTES)]);
+    g.kick(RXQ);
+    let long = frame(MAC, [0x02, 0, 0, 0, 0, 1], 3000, 5);
+    host.send(&long);
+    let mut seen = 0;
+    let entries = g.wait_used_entries(RXQ, &mut seen);
+    assert_eq!(entries, vec![(0, 0)], "returned empty");
+    // A frame that fits still goes through.
+    g.submit(RXQ, &[W(RX_BUFS, RX_BUF_BYTES)]);
+    g.kick(RXQ);
+    let short = frame(MAC, [0x02, 0, 0, 0, 0, 1], 1000, 6);
+    host.send(&short);
+    let entries = g.wait_used_entries(RXQ, &mut seen);
+    assert_eq!(entries, vec![(1, 12 + short.len() as u32)]);
+    assert_eq!(g.read(RX_BUFS + 12, short.len()), short);
+    backend.signal(libc::SIGTERM);
+    let status = backend.wait_exit();
+    assert!(status.success(), "{status}: {}", backend.stderr());
+    let counters = backend.counters();
+    assert_eq!(counters["rx_truncated"], 1, "{counters:?}");
+    assert_eq!(counters["rx_frames"], 1, "{counters:?}");
+    assert_eq!(
+        counters["rx_bytes"],
+        12 + short.len() as u64,
+        "{counters:?}"
+    );
+    drop(g);
+}
