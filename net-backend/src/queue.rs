@@ -43,6 +43,10 @@ const MAX_RX_FRAMES_PER_WAKEUP: usize = 256;
 /// Passes over the TX available ring per kick, as in ringvm-blk: past this
 /// the worker kicks itself and returns to its event loop.
 const MAX_TX_PASSES_PER_KICK: u32 = 4;
+/// Times per wakeup the RX side looks at the available ring again after
+/// asking for a kick: chains can arrive in between, but a ring whose index
+/// moves without chains that can be taken must not hold the thread.
+const MAX_RX_RECHECKS: u32 = 4;
 
 /// Puts the pair's tap queue into its thread's epoll (true) or takes it
 /// out (false).
@@ -140,6 +144,7 @@ impl PairWorker {
         let spill = IoVec::from_mut(&mut spill);
         let mut iovecs = Vec::new();
         let mut frames = 0;
+        let mut rechecks = 0;
         while frames < MAX_RX_FRAMES_PER_WAKEUP {
             self.stash
                 .fill(state.get_queue_mut(), &mem, mergeable, &mut bad);
@@ -147,7 +152,8 @@ impl PairWorker {
                 // Ask for a kick when buffers arrive; some may have arrived
                 // meanwhile.
                 if let Ok(true) = state.enable_notification() {
-                    if state.get_queue().ready() {
+                    if state.get_queue().ready() && rechecks < MAX_RX_RECHECKS {
+                        rechecks += 1;
                         continue;
                     }
                 }

@@ -214,16 +214,24 @@ pub fn open_tap(name: &str, queues: u16) -> Result<Tap, TapError> {
     for queue in 0..queues {
         let multi = match attach(name, libc::IFF_MULTI_QUEUE) {
             Ok(fd) => fd,
-            Err(TapError::Attach { source, .. })
-                if source.raw_os_error() == Some(libc::EINVAL) && queues == 1 =>
-            {
-                attach(name, 0)?
-            }
+            // EINVAL: not a multi-queue tap, or not a tap at all; the same
+            // request without IFF_MULTI_QUEUE tells which.
             Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
-                return Err(TapError::NotMultiQueue {
-                    name: name.to_string(),
-                    queues,
-                })
+                let single = attach(name, 0).map_err(|err| match err {
+                    TapError::Attach { source, .. } => TapError::Attach {
+                        name: name.to_string(),
+                        queue,
+                        source,
+                    },
+                    other => other,
+                })?;
+                if queues > 1 {
+                    return Err(TapError::NotMultiQueue {
+                        name: name.to_string(),
+                        queues,
+                    });
+                }
+                single
             }
             Err(TapError::Attach { source, .. }) => {
                 return Err(TapError::Attach {

@@ -180,6 +180,18 @@ fn a_single_queue_tap_serves_one_pair_only() {
         backend.stderr()
     );
 
+    // Not a tap at all.
+    let mut backend = Backend::spawn(&ns, "lo", &["--queues", "2"]);
+    let status = backend.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", backend.stderr());
+    assert!(
+        backend
+            .stderr()
+            .contains("ringvm-net: tap lo: cannot attach queue 0 (is it a tap device"),
+        "{}",
+        backend.stderr()
+    );
+
     // One pair is fine on it.
     let mut backend = Backend::start(&ns, "rvsingle0", &[]);
     let g = Guest::connect(&backend.socket, 2, false);
