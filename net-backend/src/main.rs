@@ -1,16 +1,25 @@
 //! `ringvm-net`: the vhost-user-net backend that moves frames between a VMM's
 //! virtio-net queues and a tap device (see DESIGN.md).
 //!
-//! For now it parses and validates its command line and then says, loudly,
-//! that serving is not implemented yet: it never pretends to serve.
+//! This file parses and validates the command line, installs the log
+//! subscriber, opens the tap and hands over to [`ringvm_net::daemon::run`].
+//! Exit status: 0 when the frontend disconnected or SIGTERM/SIGINT ended the
+//! process, 1 when the tap or the socket cannot be used or the frontend
+//! broke the protocol, 2 for command-line errors.
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::os::unix::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 
 use clap::Parser;
+use ringvm_net::backend::NetOptions;
+use ringvm_net::counters::Counters;
+use ringvm_net::daemon::{self, error_chain, DaemonConfig};
+use ringvm_net::tap::open_tap;
+use tracing::info;
 
 /// Upper bound of `--queues`: one tap queue (IFF_MULTI_QUEUE) and one worker
 /// per RX/TX pair.
@@ -128,9 +137,40 @@ fn parse_queue_size(value: &str) -> Result<u16, String> {
 }
 
 fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    eprintln!("ringvm-net: serving vhost-user-net is not implemented yet (see README)");
-    ExitCode::FAILURE
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let tap = match open_tap(&cli.tap, cli.queues) {
+        Ok(tap) => std::sync::Arc::new(tap),
+        Err(err) => {
+            eprintln!("ringvm-net: {}", error_chain(&err));
+            return ExitCode::FAILURE;
+        }
+    };
+    let counters = Counters::new(usize::from(cli.queues));
+    let config = DaemonConfig {
+        socket: cli.socket,
+        device: NetOptions {
+            queue_pairs: cli.queues,
+            queue_size: cli.queue_size,
+            mac: cli.mac.map(|mac| mac.0),
+        },
+    };
+    let result = daemon::run(tap, &config, &counters);
+    info!("counters: {}", counters.snapshot());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ringvm-net: {}", error_chain(&err));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

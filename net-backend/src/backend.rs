@@ -1,0 +1,322 @@
+//! [`NetBackend`]: the `VhostUserBackend` of a virtio-net device
+//! (vhost-user-backend 0.24): features, config space, offloads, and the
+//! events of its worker threads, one per RX/TX queue pair.
+//!
+//! Queue `2n` is pair n's RX queue and `2n + 1` its TX queue (virtio 1.2,
+//! 5.1.2). [`NetBackend::queues_per_thread`] gives each pair its own thread,
+//! whose epoll numbers the pair's RX kick 0 and TX kick 1; the pair's tap
+//! queue is a listener of the same epoll ([`Token::Tap`]), added and removed
+//! by the worker as the guest's receive buffers come and go.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tracing::{debug, info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::counters::Counters;
+use crate::queue::{GuestRamAtomic, PairWorker, TapWatch, Vring};
+use crate::tap::{set_offload, Tap};
+
+/// Device options from the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetOptions {
+    pub queue_pairs: u16,
+    pub queue_size: u16,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// The events of a pair's worker thread, as `VringEpollHandler` numbers
+/// them: its vrings from 0 (RX, then TX), `num_queues` for the crate's own
+/// exit and vring-enable events, and anything above for listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Token {
+    RxKick,
+    TxKick,
+    /// The pair's tap queue is readable.
+    Tap,
+}
+
+impl Token {
+    pub fn from_device_event(device_event: u16, num_queues: usize) -> Option<Token> {
+        match usize::from(device_event) {
+            0 => Some(Token::RxKick),
+            1 => Some(Token::TxKick),
+            n if n == num_queues + 1 => Some(Token::Tap),
+            _ => None,
+        }
+    }
+
+    /// The epoll data value; `register_listener` refuses values up to
+    /// `num_queues`.
+    pub fn device_event(self, num_queues: usize) -> u64 {
+        match self {
+            Token::RxKick => 0,
+            Token::TxKick => 1,
+            Token::Tap => num_queues as u64 + 1,
+        }
+    }
+}
+
+/// The offloads the guest accepts on RX, as TUNSETOFFLOAD flags.
+pub fn tun_offloads(acked_features: u64) -> libc::c_uint {
+    let has = |bit: u32| acked_features & (1 << bit) != 0;
+    let mut flags = 0;
+    if has(VIRTIO_NET_F_GUEST_CSUM) {
+        flags |= libc::TUN_F_CSUM;
+        // The kernel takes TSO only along with checksum offload.
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= libc::TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
+pub struct NetBackend {
+    num_queues: usize,
+    queue_size: u16,
+    features: u64,
+    config: Vec<u8>,
+    tap: Arc<Tap>,
+    acked_features: Arc<AtomicU64>,
+    workers: Vec<Mutex<PairWorker>>,
+}
+
+impl NetBackend {
+    /// A device moving frames between the guest and `tap` (one tap queue
+    /// per pair); `mem` is the guest memory the daemon fills from the
+    /// frontend's memory table.
+    pub fn new(
+        tap: Arc<Tap>,
+        options: &NetOptions,
+        mem: GuestRamAtomic,
+        counters: &Counters,
+    ) -> Self {
+        let mut features = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_CSUM
+            | 1 << VIRTIO_NET_F_HOST_TSO4
+            | 1 << VIRTIO_NET_F_HOST_TSO6
+            | 1 << VIRTIO_NET_F_GUEST_TSO4
+            | 1 << VIRTIO_NET_F_GUEST_TSO6
+            | 1 << VIRTIO_NET_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if options.mac.is_some() {
+            features |= 1 << VIRTIO_NET_F_MAC;
+        }
+        // virtio_net_config (virtio 1.2, 5.1.4): mac, status,
+        // max_virtqueue_pairs, little-endian.
+        let mut config = Vec::with_capacity(10);
+        config.extend_from_slice(&options.mac.unwrap_or([0; 6]));
+        config.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config.extend_from_slice(&options.queue_pairs.to_le_bytes());
+
+        let acked_features = Arc::new(AtomicU64::new(0));
+        let workers = (0..options.queue_pairs)
+            .map(|pair| {
+                Mutex::new(PairWorker::new(
+                    pair,
+                    Arc::clone(&tap.queues[usize::from(pair)]),
+                    mem.clone(),
+                    Arc::clone(&acked_features),
+                    Arc::clone(&counters.pairs[usize::from(pair)]),
+                ))
+            })
+            .collect();
+        NetBackend {
+            num_queues: 2 * usize::from(options.queue_pairs),
+            queue_size: options.queue_size,
+            features,
+            config,
+            tap,
+            acked_features,
+            workers,
+        }
+    }
+
+    fn worker(&self, pair: usize) -> Option<MutexGuard<'_, PairWorker>> {
+        self.workers
+            .get(pair)
+            .map(|w| w.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Gives pair `pair`'s worker the way to put its tap queue into its
+    /// thread's epoll and take it out.
+    pub fn set_tap_watch(&self, pair: usize, watch: TapWatch) {
+        if let Some(mut worker) = self.worker(pair) {
+            worker.set_tap_watch(watch);
+        }
+    }
+
+    /// Leaves every tap queue unread: the backend is going away.
+    pub fn stop(&self) {
+        for pair in 0..self.workers.len() {
+            if let Some(mut worker) = self.worker(pair) {
+                worker.reset();
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("frontend acked features {features:#x}");
+        self.acked_features.store(features, Ordering::Relaxed);
+        let flags = tun_offloads(features);
+        if let Err(err) = set_offload(&self.tap.queues[0], flags) {
+            warn!(
+                "tap {}: cannot set offloads {flags:#x}: {err}; the guest may receive frames it cannot take",
+                self.tap.name
+            );
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        self.stop();
+        info!("device reset by the frontend");
+    }
+
+    /// The crate sets EVENT_IDX on every vring itself.
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    /// Bytes `offset..offset + size` of the config space; beyond the fields
+    /// this device has, zeroes (the reply must be `size` bytes long).
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = offset as usize;
+        (start..start + size as usize)
+            .map(|i| self.config.get(i).copied().unwrap_or(0))
+            .collect()
+    }
+
+    fn update_memory(&self, _mem: GuestRamAtomic) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.workers.len())
+            .map(|pair| 0b11u64 << (2 * pair))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    /// GET_VRING_BASE: on an RX queue, the receive chains taken and not
+    /// used go back to the guest first.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if queue_index % 2 == 0 {
+            if let Some(mut worker) = self.worker(queue_index as usize / 2) {
+                worker.stop_rx();
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Guest input never fails the worker thread: an error here would
+        // end it, and with it the queue pair.
+        let (Some(mut worker), Some(rx), Some(tx)) =
+            (self.worker(thread_id), vrings.first(), vrings.get(1))
+        else {
+            warn!(thread_id, device_event, "event for a thread without a pair");
+            return Ok(());
+        };
+        match Token::from_device_event(device_event, self.num_queues) {
+            Some(Token::RxKick) => worker.on_rx_kick(rx),
+            Some(Token::TxKick) => worker.on_tx_kick(tx),
+            Some(Token::Tap) => worker.on_tap_readable(rx),
+            None => warn!(thread_id, device_event, "unexpected event"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        for num_queues in [2, 8, 128] {
+            for token in [Token::RxKick, Token::TxKick, Token::Tap] {
+                let event = token.device_event(num_queues);
+                assert!(token != Token::Tap || event > num_queues as u64);
+                assert_eq!(
+                    Token::from_device_event(event as u16, num_queues),
+                    Some(token)
+                );
+            }
+            assert_eq!(
+                Token::from_device_event(num_queues as u16, num_queues),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn offloads_follow_the_guest_features() {
+        assert_eq!(tun_offloads(0), 0);
+        assert_eq!(tun_offloads(1 << VIRTIO_NET_F_GUEST_CSUM), libc::TUN_F_CSUM);
+        assert_eq!(
+            tun_offloads(
+                1 << VIRTIO_NET_F_GUEST_CSUM
+                    | 1 << VIRTIO_NET_F_GUEST_TSO4
+                    | 1 << VIRTIO_NET_F_GUEST_TSO6
+            ),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+        );
+        // TSO without checksum offload is not something the tap accepts.
+        assert_eq!(tun_offloads(1 << VIRTIO_NET_F_GUEST_TSO4), 0);
+        // HOST_* features are about TX and change nothing here.
+        assert_eq!(tun_offloads(1 << VIRTIO_NET_F_HOST_TSO4), 0);
+    }
+}

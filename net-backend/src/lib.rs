@@ -1,0 +1,21 @@
+//! `ringvm-net`: the vhost-user-net backend of ringvm (see DESIGN.md).
+//!
+//! Module map, from the socket down to the tap:
+//! - [`daemon`]: the listening socket, one connection, signals.
+//! - [`signals`]: SIGTERM, SIGINT and SIGUSR1 read from a signalfd.
+//! - [`backend`]: the `VhostUserBackend` (features, config space, offloads,
+//!   events).
+//! - [`queue`]: one worker per RX/TX pair: kicks, tap wakeups, used ring.
+//! - [`tx`]: TX chain -> checked frame iovecs (pure).
+//! - [`rx`]: receive chains, merged buffers, num_buffers (pure).
+//! - [`tap`]: the tap device and frame-preserving readv/writev.
+//! - [`counters`]: what happened, as atomics, printed at exit.
+
+pub mod backend;
+pub mod counters;
+pub mod daemon;
+pub mod queue;
+pub mod rx;
+pub mod signals;
+pub mod tap;
+pub mod tx;

@@ -1,0 +1,345 @@
+//! One [`PairWorker`] per RX/TX queue pair, run by that pair's worker
+//! thread, with that pair's tap queue.
+//!
+//! - TX kick ([`PairWorker::on_tx_kick`]): every available chain is checked
+//!   ([`crate::tx`]) and written to the tap with one writev, header
+//!   included; bad ones are returned with length 0 and counted. One used
+//!   ring signal per batch.
+//! - Tap readable ([`PairWorker::on_tap_readable`]): frames are read with
+//!   readv straight into the guest's receive buffers ([`crate::rx`]) until
+//!   the tap is empty. When the guest has no buffers left, the worker asks
+//!   for an RX kick (enable_notification) and takes the tap out of its
+//!   epoll, so a full tap does not spin the thread.
+//! - RX kick ([`PairWorker::on_rx_kick`]): buffers arrived; the tap goes
+//!   back into the epoll and is read at once.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+use vhost_user_backend::{VringMutex, VringState, VringT};
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::counters::{add, inc, PairCounters};
+use crate::rx::RxStash;
+use crate::tap::{FrameFd, IoVec};
+use crate::tx::tx_iovecs;
+
+/// Guest RAM as the backend maps it from the frontend's memory table.
+pub type GuestRam = GuestMemoryMmap<()>;
+pub type GuestRamAtomic = GuestMemoryAtomic<GuestRam>;
+pub type Vring = VringMutex<GuestRamAtomic>;
+
+/// Guest-triggered warnings: at most one per second per pair.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Frames read from the tap per wakeup: past this the worker returns to its
+/// event loop (the tap, still readable, wakes it again), so that a busy RX
+/// side cannot starve the TX queue of the same thread.
+const MAX_RX_FRAMES_PER_WAKEUP: usize = 256;
+/// Passes over the TX available ring per kick, as in ringvm-blk: past this
+/// the worker kicks itself and returns to its event loop.
+const MAX_TX_PASSES_PER_KICK: u32 = 4;
+/// Times per wakeup the RX side looks at the available ring again after
+/// asking for a kick: chains can arrive in between, but a ring whose index
+/// moves without chains that can be taken must not hold the thread.
+const MAX_RX_RECHECKS: u32 = 4;
+
+/// Puts the pair's tap queue into its thread's epoll (true) or takes it
+/// out (false).
+pub type TapWatch = Box<dyn Fn(bool) -> io::Result<()> + Send + Sync>;
+
+pub struct PairWorker {
+    index: u16,
+    tap: Arc<FrameFd>,
+    mem: GuestRamAtomic,
+    acked_features: Arc<AtomicU64>,
+    counters: Arc<PairCounters>,
+    stash: RxStash,
+    watch: Option<TapWatch>,
+    /// The tap is in the thread's epoll.
+    watching: bool,
+    /// The RX vring, kept from its first event for stop and reset.
+    rx_vring: Option<Vring>,
+    quiet_until: Option<Instant>,
+    suppressed: u64,
+}
+
+impl PairWorker {
+    pub fn new(
+        index: u16,
+        tap: Arc<FrameFd>,
+        mem: GuestRamAtomic,
+        acked_features: Arc<AtomicU64>,
+        counters: Arc<PairCounters>,
+    ) -> Self {
+        PairWorker {
+            index,
+            tap,
+            mem,
+            acked_features,
+            counters,
+            stash: RxStash::default(),
+            watch: None,
+            watching: false,
+            rx_vring: None,
+            quiet_until: None,
+            suppressed: 0,
+        }
+    }
+
+    pub fn set_tap_watch(&mut self, watch: TapWatch) {
+        self.watch = Some(watch);
+    }
+
+    fn features(&self) -> u64 {
+        self.acked_features.load(Ordering::Relaxed)
+    }
+
+    fn set_watching(&mut self, on: bool) {
+        if self.watching == on {
+            return;
+        }
+        let Some(watch) = &self.watch else {
+            return;
+        };
+        match watch(on) {
+            Ok(()) => self.watching = on,
+            Err(err) => self.warn(format_args!(
+                "cannot change the tap's epoll interest: {err}"
+            )),
+        }
+    }
+
+    /// The guest added receive buffers (or the RX queue was enabled).
+    pub fn on_rx_kick(&mut self, rx: &Vring) {
+        inc(&self.counters.rx_kicks);
+        self.rx_vring = Some(rx.clone());
+        if !self.watching {
+            self.set_watching(true);
+        }
+        self.receive(rx);
+    }
+
+    /// The tap has frames.
+    pub fn on_tap_readable(&mut self, rx: &Vring) {
+        inc(&self.counters.tap_wakeups);
+        self.rx_vring = Some(rx.clone());
+        self.receive(rx);
+    }
+
+    fn receive(&mut self, rx: &Vring) {
+        let mergeable = self.features() & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let mem = self.mem.memory().into_inner();
+        let mut state = rx.get_mut();
+        let mut bad = Vec::new();
+        let mut used = Vec::new();
+        // One byte past the guest's buffers: a frame that reaches it did
+        // not fit (tun cuts a frame to the buffers it is read into and
+        // says nothing).
+        let mut spill = [0u8; 1];
+        let spill = IoVec::from_mut(&mut spill);
+        let mut iovecs = Vec::new();
+        let mut frames = 0;
+        let mut rechecks = 0;
+        while frames < MAX_RX_FRAMES_PER_WAKEUP {
+            self.stash
+                .fill(state.get_queue_mut(), &mem, mergeable, &mut bad);
+            if !self.stash.ready(mergeable) {
+                // Ask for a kick when buffers arrive; some may have arrived
+                // meanwhile.
+                if let Ok(true) = state.enable_notification() {
+                    if state.get_queue().ready() && rechecks < MAX_RX_RECHECKS {
+                        rechecks += 1;
+                        continue;
+                    }
+                }
+                inc(&self.counters.rx_no_buffers);
+                self.set_watching(false);
+                break;
+            }
+            if let Err(err) = self.stash.iovecs(&mem, mergeable, &mut iovecs) {
+                self.warn(format_args!("{err}; returning the receive chains taken"));
+                bad.extend(self.stash.take_all());
+                continue;
+            }
+            iovecs.push(spill);
+            let read = self.tap.read_frame(&iovecs);
+            iovecs.clear();
+            match read {
+                Ok(None) => break,
+                Ok(Some(n)) => {
+                    let frame = self.stash.complete(&mem, n, mergeable);
+                    frames += 1;
+                    if frame.truncated {
+                        // Dropped: its chains go back empty.
+                        inc(&self.counters.rx_truncated);
+                        self.warn(format_args!(
+                            "dropped a frame longer than the receive buffers offered for it"
+                        ));
+                        used.extend(frame.used.into_iter().map(|(head, _)| (head, 0)));
+                        continue;
+                    }
+                    used.extend(frame.used);
+                    inc(&self.counters.rx_frames);
+                    add(&self.counters.rx_bytes, n as u64);
+                }
+                Err(err) => {
+                    inc(&self.counters.rx_errors);
+                    self.warn(format_args!("cannot read from the tap: {err}"));
+                    break;
+                }
+            }
+        }
+        if !bad.is_empty() {
+            add(&self.counters.rx_bad_chains, bad.len() as u64);
+            self.warn(format_args!(
+                "{} receive chains with read-only buffers or buffers outside guest memory returned unused",
+                bad.len()
+            ));
+        }
+        let entries = bad.into_iter().map(|head| (head, 0)).chain(used);
+        self.publish(&mut state, entries);
+    }
+
+    /// The guest has frames to send.
+    pub fn on_tx_kick(&mut self, tx: &Vring) {
+        inc(&self.counters.tx_kicks);
+        let features = self.features();
+        let mem = self.mem.memory().into_inner();
+        let mut state = tx.get_mut();
+        let mut used = Vec::new();
+        let mut iovecs = Vec::new();
+        let mut passes = 0;
+        loop {
+            passes += 1;
+            if let Err(err) = state.disable_notification() {
+                self.warn(format_args!("cannot disable TX notifications: {err}"));
+            }
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                match tx_iovecs(chain, &mem, features, &mut iovecs) {
+                    Ok(len) => match self.tap.write_frame(&iovecs) {
+                        Ok(_) => {
+                            inc(&self.counters.tx_frames);
+                            add(&self.counters.tx_bytes, len as u64);
+                        }
+                        Err(err) => {
+                            inc(&self.counters.tx_errors);
+                            self.warn(format_args!("cannot write a frame to the tap: {err}"));
+                        }
+                    },
+                    Err(kind) => {
+                        inc(&self.counters.tx_bad[kind.index()]);
+                        self.warn(format_args!("dropped a frame from the guest: {kind:?}"));
+                    }
+                }
+                iovecs.clear();
+                used.push((head, 0));
+            }
+            match state.enable_notification() {
+                Ok(true) if passes < MAX_TX_PASSES_PER_KICK => continue,
+                Ok(true) => {
+                    if let Err(err) = kick_again(&state) {
+                        self.warn(format_args!("cannot kick the TX queue again: {err}"));
+                    }
+                    break;
+                }
+                Ok(false) => break,
+                Err(err) => {
+                    self.warn(format_args!("cannot enable TX notifications: {err}"));
+                    break;
+                }
+            }
+        }
+        self.publish(&mut state, used.into_iter());
+    }
+
+    /// The RX queue stops (GET_VRING_BASE): the receive chains taken and
+    /// not used go back with length 0, and the tap is left unread.
+    pub fn stop_rx(&mut self) {
+        self.set_watching(false);
+        let heads = self.stash.take_all();
+        if let Some(rx) = self.rx_vring.clone() {
+            let mut state = rx.get_mut();
+            self.publish(&mut state, heads.into_iter().map(|head| (head, 0)));
+        }
+    }
+
+    /// Device reset: the rings are gone, so is what was taken from them.
+    pub fn reset(&mut self) {
+        self.set_watching(false);
+        self.stash.take_all();
+        self.rx_vring = None;
+    }
+
+    /// Adds a batch to the used ring and signals the guest once, if it
+    /// asked to be (EVENT_IDX).
+    fn publish(
+        &mut self,
+        state: &mut VringState<GuestRamAtomic>,
+        entries: impl Iterator<Item = (u16, u32)>,
+    ) {
+        let mut any = false;
+        let mut failed = None;
+        for (head, len) in entries {
+            any = true;
+            if let Err(err) = state.add_used(head, len) {
+                failed = Some((head, err));
+            }
+        }
+        if !any {
+            return;
+        }
+        if let Some((head, err)) = failed {
+            self.warn(format_args!(
+                "cannot add head {head} to the used ring: {err}"
+            ));
+        }
+        if !state.needs_notification().unwrap_or(true) {
+            inc(&self.counters.notifications_suppressed);
+            return;
+        }
+        match state.signal_used_queue() {
+            Ok(()) => inc(&self.counters.notifications),
+            Err(err) => self.warn(format_args!("cannot signal the guest: {err}")),
+        }
+    }
+
+    fn warn(&mut self, message: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        if self.quiet_until.is_some_and(|until| now < until) {
+            self.suppressed += 1;
+            return;
+        }
+        self.quiet_until = Some(now + LOG_INTERVAL);
+        let suppressed = std::mem::take(&mut self.suppressed);
+        if suppressed > 0 {
+            warn!(
+                pair = self.index,
+                "{message} ({suppressed} similar warnings suppressed)"
+            );
+        } else {
+            warn!(pair = self.index, "{message}");
+        }
+    }
+}
+
+/// Signals the vring's kick eventfd, so that the worker thread's event
+/// loop serves the queue again after its other events.
+fn kick_again(state: &VringState<GuestRamAtomic>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let Some(kick) = state.get_kick() else {
+        return Ok(());
+    };
+    // SAFETY: the descriptor is the vring's kick eventfd, which `state`
+    // keeps open while it is borrowed here; eventfd_write passes the value,
+    // no pointer.
+    if unsafe { libc::eventfd_write(kick.as_raw_fd(), 1) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! The tap device and the descriptors frames move through: [`open_tap`]
+//! attaches one queue per RX/TX pair (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR |
+//! IFF_MULTI_QUEUE), and [`FrameFd`] reads and writes whole frames with
+//! readv/writev over [`IoVec`]s that point into guest memory.
+//!
+//! [`FrameFd`] is any descriptor that keeps frame boundaries: a tap queue in
+//! the backend, a `socketpair(AF_UNIX, SOCK_SEQPACKET)` in the unit tests.
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
+
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
+
+/// The virtio-net header the guest and the tap exchange: virtio_net_hdr_v1,
+/// with num_buffers, since VIRTIO_F_VERSION_1 is always negotiated.
+pub const VNET_HDR_BYTES: usize = 12;
+
+const TUN_PATH: &str = "/dev/net/tun";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("tap {name}: no such network interface")]
+    Missing { name: String },
+    #[error("cannot open {TUN_PATH} for tap {name}")]
+    OpenTun {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tap {name}: not a multi-queue tap (create it with `ip tuntap add dev {name} mode tap multi_queue`), needed for {queues} queue pairs")]
+    NotMultiQueue { name: String, queues: u16 },
+    #[error(
+        "tap {name}: cannot attach queue {queue} (is it a tap device, and may this user use it?)"
+    )]
+    Attach {
+        name: String,
+        queue: u16,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tap {name}: cannot set the virtio-net header size")]
+    VnetHdrSize {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tap {name}: cannot make queue {queue} non-blocking")]
+    NonBlocking {
+        name: String,
+        queue: u16,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One buffer of a frame, valid for `'a`: the guest memory (or test buffer)
+/// it was made from is borrowed that long.
+#[derive(Clone, Copy, Debug)]
+#[repr(transparent)]
+pub struct IoVec<'a> {
+    raw: libc::iovec,
+    buffer: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> IoVec<'a> {
+    /// A buffer in guest memory.
+    pub fn from_volatile<B: BitmapSlice>(slice: &VolatileSlice<'a, B>) -> Self {
+        IoVec {
+            raw: libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            },
+            buffer: PhantomData,
+        }
+    }
+
+    /// A buffer in this process's own memory (tests, headers).
+    pub fn from_mut(buffer: &'a mut [u8]) -> Self {
+        IoVec {
+            raw: libc::iovec {
+                iov_base: buffer.as_mut_ptr().cast(),
+                iov_len: buffer.len(),
+            },
+            buffer: PhantomData,
+        }
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.raw.iov_len
+    }
+}
+
+// SAFETY: an IoVec is a (pointer, length) pair into memory borrowed for 'a;
+// this program only hands it to readv/writev. Sending the pair to another
+// thread accesses no memory.
+unsafe impl Send for IoVec<'_> {}
+
+/// A descriptor that carries one frame per read or write.
+#[derive(Debug)]
+pub struct FrameFd {
+    fd: OwnedFd,
+}
+
+impl FrameFd {
+    pub fn new(fd: OwnedFd) -> Self {
+        FrameFd { fd }
+    }
+
+    /// Reads one frame into `iovecs`; Ok(None) when none is waiting.
+    pub fn read_frame(&self, iovecs: &[IoVec<'_>]) -> io::Result<Option<usize>> {
+        loop {
+            // SAFETY: each iovec points to memory borrowed for the iovec's
+            // lifetime, which covers this call (IoVec::from_volatile ties it
+            // to the guest memory mapping, from_mut to a &mut buffer); the
+            // kernel writes at most iov_len bytes into each. IoVec is
+            // repr(transparent) over libc::iovec.
+            let n = unsafe {
+                libc::readv(
+                    self.fd.as_raw_fd(),
+                    iovecs.as_ptr().cast(),
+                    iov_count(iovecs.len()),
+                )
+            };
+            if n >= 0 {
+                return Ok(Some(n as usize));
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Writes one frame made of `iovecs`; returns the bytes written.
+    pub fn write_frame(&self, iovecs: &[IoVec<'_>]) -> io::Result<usize> {
+        loop {
+            // SAFETY: as in read_frame; the kernel only reads the buffers.
+            let n = unsafe {
+                libc::writev(
+                    self.fd.as_raw_fd(),
+                    iovecs.as_ptr().cast(),
+                    iov_count(iovecs.len()),
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
+impl AsRawFd for FrameFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn iov_count(len: usize) -> libc::c_int {
+    libc::c_int::try_from(len).unwrap_or(libc::c_int::MAX)
+}
+
+/// An open tap device: one queue per RX/TX pair.
+#[derive(Debug)]
+pub struct Tap {
+    pub name: String,
+    pub queues: Vec<Arc<FrameFd>>,
+}
+
+/// Offloads the guest accepts on RX (TUNSETOFFLOAD's TUN_F_* bits).
+pub fn set_offload(queue: &FrameFd, tun_flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long
+    // of flags), no pointer; the descriptor is an open tap queue.
+    let ret = unsafe {
+        libc::ioctl(
+            queue.as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(tun_flags),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches `queues` queues of the existing tap `name`, each non-blocking,
+/// with the 12-byte virtio-net header. One queue may come from a tap
+/// without IFF_MULTI_QUEUE.
+pub fn open_tap(name: &str, queues: u16) -> Result<Tap, TapError> {
+    let c_name = CString::new(name).map_err(|_| TapError::Missing {
+        name: name.to_string(),
+    })?;
+    // TUNSETIFF creates a tap that does not exist; the device must be the
+    // one the administrator set up.
+    // SAFETY: c_name is a NUL-terminated string that outlives the call.
+    if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+        return Err(TapError::Missing {
+            name: name.to_string(),
+        });
+    }
+    let mut fds = Vec::with_capacity(usize::from(queues));
+    for queue in 0..queues {
+        let multi = match attach(name, libc::IFF_MULTI_QUEUE) {
+            Ok(fd) => fd,
+            // EINVAL: not a multi-queue tap, or not a tap at all; the same
+            // request without IFF_MULTI_QUEUE tells which.
+            Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                let single = attach(name, 0).map_err(|err| match err {
+                    TapError::Attach { source, .. } => TapError::Attach {
+                        name: name.to_string(),
+                        queue,
+                        source,
+                    },
+                    other => other,
+                })?;
+                if queues > 1 {
+                    return Err(TapError::NotMultiQueue {
+                        name: name.to_string(),
+                        queues,
+                    });
+                }
+                single
+            }
+            Err(TapError::Attach { source, .. }) => {
+                return Err(TapError::Attach {
+                    name: name.to_string(),
+                    queue,
+                    source,
+                })
+            }
+            Err(err) => return Err(err),
+        };
+        set_nonblocking(&multi).map_err(|source| TapError::NonBlocking {
+            name: name.to_string(),
+            queue,
+            source,
+        })?;
+        let size = VNET_HDR_BYTES as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer,
+        // which points to `size` on this stack frame.
+        let ret = unsafe { libc::ioctl(multi.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) };
+        if ret < 0 {
+            return Err(TapError::VnetHdrSize {
+                name: name.to_string(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        fds.push(Arc::new(FrameFd::new(multi)));
+    }
+    Ok(Tap {
+        name: name.to_string(),
+        queues: fds,
+    })
+}
+
+fn attach(name: &str, extra_flags: libc::c_int) -> Result<OwnedFd, TapError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(TUN_PATH)
+        .map_err(|source| TapError::OpenTun {
+            name: name.to_string(),
+            source,
+        })?;
+    // SAFETY: ifreq is plain data (integers, arrays and a union of them):
+    // all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | extra_flags) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq through the pointer,
+    // which points to `req` on this stack frame; the name is NUL-terminated
+    // (at most IFNAMSIZ - 1 bytes, checked by the CLI, the rest zeroes).
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if ret < 0 {
+        return Err(TapError::Attach {
+            name: name.to_string(),
+            queue: 0,
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: into_raw_fd hands over the open descriptor that the File owned.
+    Ok(unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(file)) })
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: F_GETFL takes no argument; the descriptor is open.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL takes an int of flags; the descriptor is open.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A connected `socketpair(AF_UNIX, SOCK_SEQPACKET)`, non-blocking: frames
+/// keep their boundaries, as on a tap. For tests.
+pub fn seqpacket_pair() -> io::Result<(FrameFd, FrameFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into the two-element array.
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socketpair returned two new descriptors that nothing else owns.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((FrameFd::new(a), FrameFd::new(b)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_keep_their_boundaries() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let mut first = *b"header+";
+        let mut second = *b"payload";
+        let n = a
+            .write_frame(&[IoVec::from_mut(&mut first), IoVec::from_mut(&mut second)])
+            .unwrap();
+        assert_eq!(n, 14);
+        let mut x = [0u8; 4];
+        let mut y = [0u8; 32];
+        let n = b
+            .read_frame(&[IoVec::from_mut(&mut x), IoVec::from_mut(&mut y)])
+            .unwrap();
+        assert_eq!(n, Some(14));
+        assert_eq!(&x, b"head");
+        assert_eq!(&y[..10], b"er+payload");
+        assert_eq!(b.read_frame(&[IoVec::from_mut(&mut y)]).unwrap(), None);
+    }
+
+    #[test]
+    fn a_missing_tap_is_named() {
+        let err = open_tap("rvm-no-such-9", 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tap rvm-no-such-9: no such network interface"
+        );
+    }
+}
