@@ -27,6 +27,11 @@
 //!   that completed before it was issued: metadata reaches the disk in the
 //!   order qcow2-rs issues it. The syncs qcow2-rs does itself count, so
 //!   `flush_meta` needs no extra one.
+//! - **buffers freed under the kernel.** A task that panics is unwound,
+//!   and its frames' buffers freed, while the kernel may still be reading
+//!   or writing them. Metadata buffers (everything that is not guest
+//!   memory) therefore never reach the kernel: the operation's slot owns a
+//!   copy, freed only when the completion arrives.
 //! - **short reads.** A data cluster may end past the end of the file (its
 //!   tail was never written); qcow2-rs reports the short count and leaves
 //!   the rest of the buffer as it was. [`RingIo::read_to`] reads on after a
@@ -91,14 +96,19 @@ struct OpSlot {
     /// The iovec of a read or write, boxed so that it stays where the
     /// kernel was told it is while `ops` grows.
     iovec: Box<IoVec>,
+    /// The buffer of a metadata read or write: owned by the slot until the
+    /// completion arrives, whatever happens to the future.
+    bounce: Vec<u8>,
 }
 
 /// The owner thread's engine and the operations in flight on it.
 pub struct IoCore {
     engine: RefCell<Box<dyn Engine>>,
-    /// Guest buffers (and zero buffers) being written, as address ranges:
-    /// writes from them are data, every other write is metadata.
-    data: RefCell<Vec<(usize, usize)>>,
+    /// Data buffers being read or written, as address ranges, and whether
+    /// they belong to the owner (then they are copied like metadata
+    /// buffers, as a panic could free them): writes from them are data,
+    /// every other write is metadata.
+    data: RefCell<Vec<(usize, usize, bool)>>,
     /// Metadata writes and fallocates completed so far.
     meta_completed: Cell<u64>,
     /// All of the first `meta_synced` of them are durable.
@@ -126,10 +136,17 @@ impl IoCore {
         })
     }
 
-    /// Marks `buf` as guest data while `f` writes it (see the module
-    /// documentation: data writes are not ordered against metadata).
-    pub async fn with_data<F: Future>(&self, buf: &[u8], f: F) -> F::Output {
-        let range = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
+    /// Marks `len` bytes at `ptr` as data while `f` reads or writes them:
+    /// writes from them are not ordered against metadata, and guest memory
+    /// (`owned` false) goes to the kernel as it is, zero copy.
+    pub async fn with_data<F: Future>(
+        &self,
+        ptr: *const u8,
+        len: usize,
+        owned: bool,
+        f: F,
+    ) -> F::Output {
+        let range = (ptr as usize, ptr as usize + len, owned);
         self.data.borrow_mut().push(range);
         let output = f.await;
         let mut data = self.data.borrow_mut();
@@ -139,12 +156,14 @@ impl IoCore {
         output
     }
 
-    fn is_data(&self, buf: &[u8]) -> bool {
+    /// None for metadata; Some(owned) for data.
+    fn data_kind(&self, buf: &[u8]) -> Option<bool> {
         let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
         self.data
             .borrow()
             .iter()
-            .any(|&(s, e)| start >= s && end <= e)
+            .find(|&&(s, e, _)| start >= s && end <= e)
+            .map(|&(_, _, owned)| owned)
     }
 
     fn meta_done(&self) {
@@ -220,6 +239,7 @@ impl IoCore {
     unsafe fn start(
         self: &Rc<Self>,
         iovec: Option<IoVec>,
+        bounce: Option<Vec<u8>>,
         op: impl FnOnce(&[IoVec]) -> EngineOp<'_>,
     ) -> OpFuture {
         let index = {
@@ -230,12 +250,20 @@ impl IoCore {
                     ops.push(OpSlot {
                         state: SlotState::Free,
                         iovec: Box::new(IoVec::new(std::ptr::null_mut(), 0)),
+                        bounce: Vec::new(),
                     });
                     ops.len() - 1
                 }
             };
             let slot = &mut ops[index];
             *slot.iovec = iovec.unwrap_or(IoVec::new(std::ptr::null_mut(), 0));
+            match bounce {
+                Some(bounce) => {
+                    slot.bounce = bounce;
+                    *slot.iovec = IoVec::new(slot.bounce.as_mut_ptr(), slot.bounce.len());
+                }
+                None => slot.bounce = Vec::new(),
+            }
             slot.state = SlotState::Pending(None);
             let iovecs: &[IoVec] = std::slice::from_ref(&*slot.iovec);
             // The boxed iovec does not move when `ops` grows: take a slice
@@ -273,6 +301,17 @@ fn err_errno(err: &EngineError) -> i32 {
 struct OpFuture {
     core: Rc<IoCore>,
     index: usize,
+}
+
+impl OpFuture {
+    /// The result, and the slot's bounce buffer (empty without one).
+    async fn with_bounce(self) -> (i32, Vec<u8>) {
+        let index = self.index;
+        let core = Rc::clone(&self.core);
+        let result = self.await;
+        let bounce = std::mem::take(&mut core.ops.borrow_mut()[index].bounce);
+        (result, bounce)
+    }
 }
 
 impl Future for OpFuture {
@@ -329,7 +368,7 @@ impl RingIo {
         let covers = self.core.meta_completed.get();
         let file = self.file;
         // SAFETY: no memory is involved.
-        let result = unsafe { self.core.start(None, |_| EngineOp::Datasync { file }) }.await;
+        let result = unsafe { self.core.start(None, None, |_| EngineOp::Datasync { file }) }.await;
         if result == 0 && covers > self.core.meta_synced.get() {
             self.core.meta_synced.set(covers);
         }
@@ -357,7 +396,7 @@ impl RingIo {
         let file = self.file;
         // SAFETY: no memory is involved.
         let op = unsafe {
-            self.core.start(None, |_| EngineOp::Fallocate {
+            self.core.start(None, None, |_| EngineOp::Fallocate {
                 file,
                 offset,
                 len_bytes: len,
@@ -372,22 +411,32 @@ impl RingIo {
 
 impl Qcow2IoOps for RingIo {
     async fn read_to(&self, offset: u64, buf: &mut [u8]) -> Qcow2Result<usize> {
+        let zero_copy = self.core.data_kind(buf) == Some(false);
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
             let iovec = IoVec::new(rest.as_mut_ptr(), rest.len());
+            let bounce = (!zero_copy).then(|| vec![0u8; rest.len()]);
             let at = offset + done as u64;
             let file = self.file;
-            // SAFETY: `buf` is borrowed by this future, which the owner never
-            // drops before it resolves (a panicking one is leaked).
+            // SAFETY: a data buffer is guest memory (or the owner's own
+            // buffer), which outlives the request even if its task is
+            // unwound; any other buffer is replaced by the slot's bounce
+            // buffer, which the slot owns until the completion.
             let op = unsafe {
-                self.core.start(Some(iovec), |iovecs| EngineOp::Readv {
-                    file,
-                    offset: at,
-                    iovecs,
-                })
+                self.core
+                    .start(Some(iovec), bounce, |iovecs| EngineOp::Readv {
+                        file,
+                        offset: at,
+                        iovecs,
+                    })
             };
-            match op.await {
+            let (result, bounce) = op.with_bounce().await;
+            if result > 0 && !zero_copy {
+                let n = result as usize;
+                buf[done..done + n].copy_from_slice(&bounce[..n]);
+            }
+            match result {
                 // End of file: a cluster whose tail was never written.
                 0 => {
                     buf[done..].fill(0);
@@ -401,7 +450,7 @@ impl Qcow2IoOps for RingIo {
     }
 
     async fn write_from(&self, offset: u64, buf: &[u8]) -> Qcow2Result<()> {
-        let metadata = !self.core.is_data(buf);
+        let metadata = self.core.data_kind(buf).is_none();
         if metadata {
             self.order_after_completed_metadata()
                 .await
@@ -447,19 +496,22 @@ impl Qcow2IoOps for RingIo {
 
 impl RingIo {
     async fn write_all(&self, offset: u64, buf: &[u8]) -> Qcow2Result<()> {
+        let zero_copy = self.core.data_kind(buf) == Some(false);
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &buf[done..];
             let iovec = IoVec::new(rest.as_ptr().cast_mut(), rest.len());
+            let bounce = (!zero_copy).then(|| rest.to_vec());
             let at = offset + done as u64;
             let file = self.file;
             // SAFETY: as in read_to; the kernel only reads this memory.
             let op = unsafe {
-                self.core.start(Some(iovec), |iovecs| EngineOp::Writev {
-                    file,
-                    offset: at,
-                    iovecs,
-                })
+                self.core
+                    .start(Some(iovec), bounce, |iovecs| EngineOp::Writev {
+                        file,
+                        offset: at,
+                        iovecs,
+                    })
             };
             match op.await {
                 0 => return Err(io_error("write", at, libc::ENOSPC)),
@@ -474,5 +526,204 @@ impl RingIo {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sync::SyncEngine;
+    use std::fs::File;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Mutex;
+
+    /// The sync engine, recording each operation's kind.
+    struct Recording {
+        inner: SyncEngine,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Engine for Recording {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        unsafe fn push(&mut self, op: EngineOp<'_>, tag: u64) -> Result<(), EngineError> {
+            let kind = match op {
+                EngineOp::Readv { .. } => "read".to_string(),
+                EngineOp::Writev { offset, .. } => format!("write@{offset}"),
+                EngineOp::Datasync { .. } => "sync".to_string(),
+                EngineOp::Fallocate { mode, .. } => format!("{mode:?}"),
+            };
+            self.log.lock().unwrap().push(kind);
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { self.inner.push(op, tag) }
+        }
+        fn submit(&mut self) -> Result<(), EngineError> {
+            self.inner.submit()
+        }
+        fn reap(&mut self, out: &mut Vec<Completion>) {
+            self.inner.reap(out)
+        }
+        fn wait(&mut self) -> Result<(), EngineError> {
+            self.inner.wait()
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+        fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+        fn clear_completion_fd(&self) {}
+    }
+
+    fn setup(file: &File) -> (RingIo, Arc<Mutex<Vec<String>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let engine = Recording {
+            inner: SyncEngine::new(&[file.as_fd()]).unwrap(),
+            log: Arc::clone(&log),
+        };
+        let core = IoCore::new(Box::new(engine), Arc::default());
+        (RingIo::new(core, 0), log)
+    }
+
+    /// Polls `fut`, dispatching completions, until it is ready (the sync
+    /// engine completes everything at push).
+    fn run<F: Future>(io: &RingIo, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..1000 {
+            if let Poll::Ready(value) = fut.as_mut().poll(&mut cx) {
+                return value;
+            }
+            io.core.dispatch();
+        }
+        panic!("the future did not complete");
+    }
+
+    fn file_with(len: usize, byte: u8) -> (tempfile::NamedTempFile, File) {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().write_all_at(&vec![byte; len], 0).unwrap();
+        let file = tmp.reopen().unwrap();
+        (tmp, file)
+    }
+
+    #[test]
+    fn a_read_past_the_end_of_the_file_reads_zeroes() {
+        let (_tmp, file) = file_with(6000, 0xab);
+        let (io, _) = setup(&file);
+        let mut buf = vec![0xffu8; 8192];
+        assert_eq!(run(&io, io.read_to(4096, &mut buf)).unwrap(), 8192);
+        assert!(buf[..6000 - 4096].iter().all(|&b| b == 0xab));
+        assert!(buf[6000 - 4096..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_new_cluster_is_punched_and_allocated_not_written() {
+        let (_tmp, file) = file_with(65536, 0xcd);
+        let (io, log) = setup(&file);
+        // A reused cluster inside the file, and a new one past its end.
+        run(&io, io.fallocate(0, 65536, 0)).unwrap();
+        run(&io, io.fallocate(131072, 65536, 1)).unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["PunchHole", "Grow", "PunchHole", "Grow"],
+            "no zeroes written"
+        );
+        let mut back = vec![0xffu8; 65536];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "stale bytes are gone");
+        assert_eq!(file.metadata().unwrap().len(), 196608, "grown to cover");
+        assert_eq!(
+            io.core.counters().host_bytes_zeroed.load(Ordering::Relaxed),
+            131072
+        );
+    }
+
+    #[test]
+    fn metadata_is_written_after_the_metadata_before_it_is_durable() {
+        let (_tmp, file) = file_with(1 << 20, 0);
+        let (io, log) = setup(&file);
+        let table = vec![1u8; 4096];
+        let data = vec![2u8; 4096];
+        run(&io, io.write_from(0, &table)).unwrap();
+        run(&io, io.write_from(4096, &table)).unwrap();
+        // Guest data is not ordered; nor is metadata after qcow2-rs's own
+        // sync.
+        run(
+            &io,
+            io.core
+                .with_data(data.as_ptr(), data.len(), false, io.write_from(8192, &data)),
+        )
+        .unwrap();
+        run(&io, io.fsync(0, usize::MAX, 0)).unwrap();
+        run(&io, io.write_from(12288, &table)).unwrap();
+        // A fallocate counts as metadata too.
+        run(&io, io.fallocate(65536, 4096, 0)).unwrap();
+        run(&io, io.write_from(16384, &table)).unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "write@0",
+                "sync",
+                "write@4096",
+                "write@8192",
+                "sync",
+                "write@12288",
+                "PunchHole",
+                "Grow",
+                "sync",
+                "write@16384"
+            ]
+        );
+        assert_eq!(
+            io.core
+                .counters()
+                .host_bytes_written
+                .load(Ordering::Relaxed),
+            5 * 4096
+        );
+    }
+
+    #[test]
+    fn metadata_buffers_are_copies_and_guest_buffers_are_not() {
+        let (_tmp, file) = file_with(8192, 0x5a);
+        let (io, _) = setup(&file);
+        let mut table = vec![0u8; 4096];
+        let table_ptr = table.as_ptr() as u64;
+        let addresses = Rc::new(RefCell::new(Vec::new()));
+        // The address the kernel is given is in the slot's iovec.
+        let seen = Rc::clone(&addresses);
+        let read = async {
+            let result = io.read_to(0, &mut table).await;
+            seen.borrow_mut()
+                .push(io.core.ops.borrow()[0].iovec.base() as u64);
+            result
+        };
+        run(&io, read).unwrap();
+        assert!(table.iter().all(|&b| b == 0x5a), "copied back");
+        assert_ne!(
+            addresses.borrow()[0],
+            table_ptr,
+            "a metadata read is bounced"
+        );
+
+        let mut guest = vec![0u8; 4096];
+        let guest_ptr = guest.as_ptr();
+        let seen = Rc::clone(&addresses);
+        let read = io.core.with_data(guest_ptr, 4096, false, async {
+            let result = io.read_to(4096, &mut guest).await;
+            seen.borrow_mut()
+                .push(io.core.ops.borrow()[0].iovec.base() as u64);
+            result
+        });
+        run(&io, read).unwrap();
+        assert_eq!(
+            addresses.borrow()[1],
+            guest_ptr as u64,
+            "guest reads are zero copy"
+        );
+        assert!(guest.iter().all(|&b| b == 0x5a));
     }
 }

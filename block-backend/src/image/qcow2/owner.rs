@@ -27,9 +27,11 @@
 //!   failed validation never reaches qcow2-rs: it gets IOERR and the image
 //!   is marked corrupt, so no write can follow a bad entry onto metadata.
 //! - **Panics.** Each task is polled under `catch_unwind`. A task that
-//!   panics is leaked, not dropped (its I/O may still be in flight into its
-//!   buffers), its request gets IOERR, and from then on every request does:
-//!   qcow2-rs's locks and caches can no longer be trusted.
+//!   panics gets IOERR, and from then on every request does: qcow2-rs's
+//!   locks and caches can no longer be trusted. Its I/O may still be in
+//!   flight: metadata buffers belong to the ring's slots, not to the task
+//!   ([`super::io`]), and no completion is answered until the ring is
+//!   empty, so that guest buffers stay mapped.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -272,9 +274,11 @@ async fn open_dev(core: &Rc<IoCore>, chain: &[ChainImage], readonly: bool) -> Re
     }
 }
 
-/// Polls the future under `catch_unwind`; a future that panics is leaked
-/// rather than dropped (the kernel may still be reading into its buffers)
-/// and the result is `None`.
+/// Polls the future under `catch_unwind`; the result of a future that
+/// panics is `None`. What unwinding did not drop of it is leaked, not
+/// dropped: qcow2-rs's lock guards in it must not be released into a state
+/// that the panic left half changed. (Buffers the kernel may still use are
+/// never the future's own: see `io.rs`.)
 struct Contained<'a, T> {
     fut: Option<Pin<Box<dyn Future<Output = T> + 'a>>>,
 }
@@ -434,7 +438,11 @@ fn run(
             error!("qcow2: cannot submit I/O: {err}");
         }
         batch.append(&mut state.finished.borrow_mut());
-        if !batch.is_empty() {
+        // After a panic, I/O of the unwound task may still be in flight
+        // into guest buffers: answer nothing until the ring is empty, so
+        // that the queues keep those buffers mapped.
+        let hold_back = state.failed.get() && core.in_flight() > 0;
+        if !batch.is_empty() && !hold_back {
             // Group by queue: one eventfd signal per queue and batch.
             for (mailbox, completion) in &batch {
                 mailbox.post(*completion);
@@ -617,7 +625,8 @@ impl State {
                 // it (zero, backing and compressed clusters); the guest may
                 // touch the same bytes meanwhile, as it may with any device.
                 let buf = unsafe { std::slice::from_raw_parts_mut(iov.base(), iov.len_bytes()) };
-                reads.push(dev.read_at(buf, at));
+                let (ptr, len) = (buf.as_ptr(), buf.len());
+                reads.push(self.core.with_data(ptr, len, false, dev.read_at(buf, at)));
                 at += iov.len_bytes() as u64;
             }
             futures::future::join_all(reads)
@@ -627,7 +636,12 @@ impl State {
         } else {
             // Buffers that are not whole sectors: through a bounce buffer.
             let mut bounce = vec![0u8; len as usize];
-            let result = dev.read_at(&mut bounce, offset).await.map(|_| ());
+            let (ptr, len) = (bounce.as_ptr(), bounce.len());
+            let result = self
+                .core
+                .with_data(ptr, len, true, dev.read_at(&mut bounce, offset))
+                .await
+                .map(|_| ());
             if result.is_ok() {
                 let mut done = 0;
                 for iov in iovecs {
@@ -681,7 +695,12 @@ impl State {
             for iov in iovecs {
                 // SAFETY: as in `read`; qcow2-rs only reads these bytes.
                 let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
-                writes.push(self.core.with_data(buf, dev.write_at(buf, at)));
+                writes.push(self.core.with_data(
+                    buf.as_ptr(),
+                    buf.len(),
+                    false,
+                    dev.write_at(buf, at),
+                ));
                 at += iov.len_bytes() as u64;
             }
             futures::future::join_all(writes)
@@ -697,7 +716,12 @@ impl State {
                 bounce.extend_from_slice(buf);
             }
             self.core
-                .with_data(&bounce, dev.write_at(&bounce, offset))
+                .with_data(
+                    bounce.as_ptr(),
+                    bounce.len(),
+                    true,
+                    dev.write_at(&bounce, offset),
+                )
                 .await
         };
         match result {
@@ -743,7 +767,9 @@ impl State {
         while at < offset + len {
             let n = (offset + len - at).min(zeroes.len() as u64);
             let chunk = &zeroes[..n as usize];
-            self.core.with_data(chunk, dev.write_at(chunk, at)).await?;
+            self.core
+                .with_data(chunk.as_ptr(), chunk.len(), true, dev.write_at(chunk, at))
+                .await?;
             at += n;
         }
         Ok(())
@@ -836,5 +862,35 @@ impl State {
                 Err(-libc::EIO)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_future_is_contained() {
+        let mut contained = Contained::<u32> {
+            fut: Some(Box::pin(async {
+                panic!("a qcow2-rs bug");
+            })),
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let polled = catch_unwind(AssertUnwindSafe(|| Pin::new(&mut contained).poll(&mut cx)));
+        assert!(matches!(polled, Ok(Poll::Ready(None))), "no panic escapes");
+        // Polled again (a stray wakeup): still None, the future is gone.
+        assert_eq!(Pin::new(&mut contained).poll(&mut cx), Poll::Ready(None));
+    }
+
+    #[test]
+    fn a_future_that_completes_gives_its_value() {
+        let mut contained = Contained {
+            fut: Some(Box::pin(async { 7 })),
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(Pin::new(&mut contained).poll(&mut cx), Poll::Ready(Some(7)));
     }
 }
