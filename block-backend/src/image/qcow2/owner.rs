@@ -551,12 +551,14 @@ async fn serve(state: &Rc<State>, op: VirtualOp) -> i32 {
         VirtualOp::Nop => 0,
         VirtualOp::Read { offset, iovecs } => state.read(offset, &iovecs).await,
         VirtualOp::Write { offset, iovecs } => state.write(offset, &iovecs).await,
-        VirtualOp::Flush => state.flush().await,
+        // Boxed: rare, and their futures (reopening the image) are large;
+        // unboxed they would size every read and write task.
+        VirtualOp::Flush => Box::pin(state.flush()).await,
         VirtualOp::Zero {
             offset,
             len_bytes,
             unmap,
-        } => state.zero(offset, len_bytes, unmap).await,
+        } => Box::pin(state.zero(offset, len_bytes, unmap)).await,
     }
 }
 
