@@ -68,35 +68,19 @@ impl VhostUserBlkFrontend {
     /// Connects to the backend and checks it serves a virtio-blk device.
     pub fn new(disk: &DiskConfig, ram: &GuestRam) -> Result<Self, VhostUserError> {
         let mut conn = VhostUserConnection::connect(&disk.socket, ram)?;
-        let bad = |reason: String| VhostUserError::BadDevice {
-            socket: disk.socket.clone(),
-            reason,
-        };
-        let offered = conn.virtio_features();
-        if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
-            return Err(VhostUserError::MissingFeature {
-                socket: disk.socket.clone(),
-                what: "VIRTIO_F_VERSION_1",
-            });
-        }
-        let mut config = conn.get_config(CONFIG_LEN as u32).map_err(|e| match e {
-            VhostUserError::Handshake { source, .. } => bad(format!(
-                "it did not return a virtio-blk configuration space ({source}); is it a vhost-user-blk backend?"
-            )),
-            other => other,
-        })?;
-        let features = offered & SUPPORTED_FEATURES;
+        let mut config = conn.get_config(CONFIG_LEN, "vhost-user-blk")?;
+        let features = conn.virtio_features() & SUPPORTED_FEATURES;
         check_blk_config(&config, features)
-            .map_err(|r| bad(format!("{r}; is it a vhost-user-blk backend?")))?;
+            .map_err(|r| conn.bad_device(format!("{r}; is it a vhost-user-blk backend?")))?;
         let backend_queues = if features & (1 << VIRTIO_BLK_F_MQ) != 0 {
             u16::from_le_bytes([config[NUM_QUEUES_OFFSET], config[NUM_QUEUES_OFFSET + 1]])
         } else {
             1
         }
-        .min(conn.queue_num().min(super::MAX_QUEUES) as u16);
+        .min(conn.queue_num().unwrap_or(1).min(super::MAX_QUEUES) as u16);
         let num_queues = disk.num_queues.unwrap_or(backend_queues);
         if num_queues > backend_queues {
-            return Err(bad(format!(
+            return Err(conn.bad_device(format!(
                 "--disk asks for num_queues={num_queues}, but the backend serves {backend_queues}"
             )));
         }
@@ -171,11 +155,7 @@ impl VirtioDevice for VhostUserBlkFrontend {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = offset as usize;
-        match self.config.get(start..start + data.len()) {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
