@@ -22,10 +22,9 @@ use crate::devices::pvpanic::PvPanic;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{PanicWatch, SerialConsole, SerialOut};
 use crate::devices::virtio::pci::{VirtioPciDevice, VirtioPciError, BAR_SIZE};
-use crate::devices::virtio::vhost_user::blk::{DiskConfig, VhostUserBlkFrontend};
-use crate::devices::virtio::vhost_user::net::{NetConfig, VhostUserNetFrontend};
-use crate::devices::virtio::vhost_user::VhostUserError;
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::vhost_user::blk::{self, DiskConfig};
+use crate::devices::virtio::vhost_user::net::{self, NetConfig};
+use crate::devices::virtio::vhost_user::{VhostUserDevice, VhostUserError};
 use crate::devices::{BusError, ExitReason, ExitSignal, PioBus};
 use crate::event_loop::BackendWatch;
 use crate::event_loop::{
@@ -353,18 +352,12 @@ fn attach_devices(
         next_bar: MMIO_HOLE_START.0,
     };
     for (index, disk) in disks.iter().enumerate() {
-        let frontend = VhostUserBlkFrontend::new(disk, ram)
-            .map_err(|source| VmError::Disk { index, source })?;
-        let name = format!("disk{index} ({})", frontend.socket().display());
-        let fd = frontend.raw_fd();
-        slots.add(name, Box::new(frontend), fd, PCI_CLASS_STORAGE)?;
+        let frontend = blk::connect(disk, ram).map_err(|source| VmError::Disk { index, source })?;
+        slots.add(format!("disk{index}"), frontend, PCI_CLASS_STORAGE)?;
     }
     for (index, net) in nets.iter().enumerate() {
-        let frontend =
-            VhostUserNetFrontend::new(net, ram).map_err(|source| VmError::Net { index, source })?;
-        let name = format!("net{index} ({})", frontend.socket().display());
-        let fd = frontend.raw_fd();
-        slots.add(name, Box::new(frontend), fd, PCI_CLASS_NETWORK)?;
+        let frontend = net::connect(net, ram).map_err(|source| VmError::Net { index, source })?;
+        slots.add(format!("net{index}"), frontend, PCI_CLASS_NETWORK)?;
     }
     Ok((slots.pci, slots.watches))
 }
@@ -378,24 +371,25 @@ struct DeviceSlots<'a> {
 }
 
 impl DeviceSlots<'_> {
-    /// Puts `device` behind a virtio-pci function; `fd` is its backend
-    /// socket, watched by the event loop.
-    fn add(
-        &mut self,
-        name: String,
-        device: Box<dyn VirtioDevice>,
-        fd: std::os::fd::RawFd,
-        class: (u8, u8),
-    ) -> Result<(), VmError> {
+    /// Puts `device` behind a virtio-pci function named `id` and its
+    /// socket; the event loop watches the socket.
+    fn add(&mut self, id: String, device: VhostUserDevice, class: (u8, u8)) -> Result<(), VmError> {
+        let name = format!("{id} ({})", device.socket().display());
+        let fd = device.raw_fd();
         if self.next_bar + BAR_SIZE > IOAPIC_START.0 {
             return Err(VmError::MmioHoleFull(name));
         }
-        let dev =
-            VirtioPciDevice::new(name.clone(), device, self.kvm.clone(), self.next_bar, class)
-                .map_err(|source| VmError::VirtioPci {
-                    name: name.clone(),
-                    source,
-                })?;
+        let dev = VirtioPciDevice::new(
+            name.clone(),
+            Box::new(device),
+            self.kvm.clone(),
+            self.next_bar,
+            class,
+        )
+        .map_err(|source| VmError::VirtioPci {
+            name: name.clone(),
+            source,
+        })?;
         self.next_bar += BAR_SIZE;
         let dev = Arc::new(Mutex::new(dev));
         self.pci

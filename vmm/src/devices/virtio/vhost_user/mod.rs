@@ -22,7 +22,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{ActivateError, ActiveQueue};
+use super::{ActivateError, ActiveQueue, VirtioDevice};
 use crate::memory::GuestRam;
 
 /// How long one message to the backend may take before ringvm gives up on it.
@@ -257,6 +257,95 @@ impl VhostUserConnection {
                 tracing::warn!(socket = %self.socket.display(), queue = q, "stopping the ring failed: {e}");
             }
         }
+    }
+}
+
+/// A virtio device whose queues a vhost-user backend serves: what blk.rs or
+/// net.rs settled when it connected (offered features, configuration space,
+/// queue count), and the connection that starts and stops the rings. ringvm
+/// only negotiates; it never sees a request.
+pub struct VhostUserDevice {
+    conn: VhostUserConnection,
+    device_type: u32,
+    features: u64,
+    config: Vec<u8>,
+    num_queues: usize,
+    queue_size: u16,
+}
+
+impl VhostUserDevice {
+    /// `device_type` is a VIRTIO_ID_*; `features` and `config` are what the
+    /// guest is offered and reads.
+    pub fn new(
+        conn: VhostUserConnection,
+        device_type: u32,
+        features: u64,
+        config: Vec<u8>,
+        num_queues: usize,
+        queue_size: u16,
+    ) -> Self {
+        Self {
+            conn,
+            device_type,
+            features,
+            config,
+            num_queues,
+            queue_size,
+        }
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.conn.raw_fd()
+    }
+
+    pub fn socket(&self) -> &Path {
+        self.conn.socket()
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config_len(&self) -> usize {
+        self.config.len()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // virtio-net's space is read-only for a modern driver; in
+        // virtio-blk's only the writeback flag is writable, and ringvm does
+        // not offer CONFIG_WCE.
+        tracing::debug!(
+            device_type = self.device_type,
+            offset,
+            len = data.len(),
+            "device configuration write ignored"
+        );
+    }
+
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), ActivateError> {
+        self.conn.start(features, queues)
+    }
+
+    fn reset(&mut self) {
+        self.conn.stop();
     }
 }
 

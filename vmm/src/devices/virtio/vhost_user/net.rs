@@ -1,4 +1,4 @@
-//! `VhostUserNetFrontend`: a virtio-net device whose queues a
+//! `connect()`: a virtio-net device (a [`VhostUserDevice`]) whose queues a
 //! vhost-user-net backend (ringvm-net) serves. ringvm only negotiates:
 //! features offered to the guest are the backend's, restricted to what
 //! ringvm supports; the configuration space is the backend's, with the MAC
@@ -30,8 +30,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::{VhostUserConnection, VhostUserError};
-use crate::devices::virtio::{ActivateError, ActiveQueue, VirtioDevice};
+use super::{VhostUserConnection, VhostUserDevice, VhostUserError};
 use crate::memory::GuestRam;
 
 /// The configuration space ringvm reads and shows: mac, status and
@@ -95,47 +94,30 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
 }
 
-pub struct VhostUserNetFrontend {
-    conn: VhostUserConnection,
-    features: u64,
-    config: Vec<u8>,
-    num_queues: u16,
-    queue_size: u16,
-}
-
-impl VhostUserNetFrontend {
-    /// Connects to the backend and checks it serves a virtio-net device.
-    pub fn new(net: &NetConfig, ram: &GuestRam) -> Result<Self, VhostUserError> {
-        let mut conn = VhostUserConnection::connect(&net.socket, ram)?;
-        let mut config = conn.get_config(CONFIG_LEN, "vhost-user-net")?;
-        let offered = conn.virtio_features();
-        let backend_pairs = backend_queue_pairs(offered, &config, conn.queue_num())
-            .map_err(|r| conn.bad_device(format!("{r}; is it a vhost-user-net backend?")))?;
-        if net.num_queues > backend_pairs {
-            return Err(conn.bad_device(format!(
-                "--net asks for num_queues={} queue pairs, but the backend serves {backend_pairs}",
-                net.num_queues
-            )));
-        }
-        let mac = choose_mac(net, offered, &config);
-        tracing::info!(socket = %net.socket.display(), mac = %format_mac(&mac), "virtio-net MAC");
-        guest_config(&mut config, offered, &mac, net.num_queues);
-        Ok(Self {
-            conn,
-            features: guest_features(offered),
-            config,
-            num_queues: net.num_queues,
-            queue_size: net.queue_size,
-        })
+/// Connects to `net`'s backend and checks it serves a virtio-net device.
+pub fn connect(net: &NetConfig, ram: &GuestRam) -> Result<VhostUserDevice, VhostUserError> {
+    let mut conn = VhostUserConnection::connect(&net.socket, ram)?;
+    let mut config = conn.get_config(CONFIG_LEN, "vhost-user-net")?;
+    let offered = conn.virtio_features();
+    let backend_pairs = backend_queue_pairs(offered, &config, conn.queue_num())
+        .map_err(|r| conn.bad_device(format!("{r}; is it a vhost-user-net backend?")))?;
+    if net.num_queues > backend_pairs {
+        return Err(conn.bad_device(format!(
+            "--net asks for num_queues={} queue pairs, but the backend serves {backend_pairs}",
+            net.num_queues
+        )));
     }
-
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.conn.raw_fd()
-    }
-
-    pub fn socket(&self) -> &std::path::Path {
-        self.conn.socket()
-    }
+    let mac = choose_mac(net, offered, &config);
+    tracing::info!(socket = %net.socket.display(), mac = %format_mac(&mac), "virtio-net MAC");
+    guest_config(&mut config, offered, &mac, net.num_queues);
+    Ok(VhostUserDevice::new(
+        conn,
+        VIRTIO_ID_NET,
+        guest_features(offered),
+        config,
+        2 * usize::from(net.num_queues),
+        net.queue_size,
+    ))
 }
 
 /// The MAC the guest sees: `mac=`, else the backend's (when it offers
@@ -237,45 +219,6 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         return Err(format!("mac={s}: the zero address; use another"));
     }
     Ok(mac)
-}
-
-impl VirtioDevice for VhostUserNetFrontend {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
-
-    fn num_queues(&self) -> usize {
-        2 * usize::from(self.num_queues)
-    }
-
-    fn max_queue_size(&self) -> u16 {
-        self.queue_size
-    }
-
-    fn features(&self) -> u64 {
-        self.features
-    }
-
-    fn config_len(&self) -> usize {
-        self.config.len()
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // virtio-net's configuration space is read-only for a modern driver.
-        tracing::debug!(offset, len = data.len(), "virtio-net config write ignored");
-    }
-
-    fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), ActivateError> {
-        self.conn.start(features, queues)
-    }
-
-    fn reset(&mut self) {
-        self.conn.stop();
-    }
 }
 
 #[cfg(test)]
