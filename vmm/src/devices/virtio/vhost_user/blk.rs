@@ -75,14 +75,14 @@ pub fn connect(disk: &DiskConfig, ram: &GuestRam) -> Result<VhostUserDevice, Vho
         )));
     }
     config[NUM_QUEUES_OFFSET..NUM_QUEUES_OFFSET + 2].copy_from_slice(&num_queues.to_le_bytes());
-    Ok(VhostUserDevice::new(
+    Ok(VhostUserDevice {
         conn,
-        VIRTIO_ID_BLOCK,
+        device_type: VIRTIO_ID_BLOCK,
         features,
         config,
-        usize::from(num_queues),
-        disk.queue_size,
-    ))
+        num_queues: usize::from(num_queues),
+        queue_size: disk.queue_size,
+    })
 }
 
 /// Sanity checks that tell a virtio-blk configuration space from another

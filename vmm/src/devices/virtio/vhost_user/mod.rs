@@ -265,35 +265,17 @@ impl VhostUserConnection {
 /// queue count), and the connection that starts and stops the rings. ringvm
 /// only negotiates; it never sees a request.
 pub struct VhostUserDevice {
-    conn: VhostUserConnection,
-    device_type: u32,
-    features: u64,
-    config: Vec<u8>,
-    num_queues: usize,
-    queue_size: u16,
+    pub(super) conn: VhostUserConnection,
+    /// VIRTIO_ID_* of the device.
+    pub(super) device_type: u32,
+    /// What the guest is offered, and the configuration space it reads.
+    pub(super) features: u64,
+    pub(super) config: Vec<u8>,
+    pub(super) num_queues: usize,
+    pub(super) queue_size: u16,
 }
 
 impl VhostUserDevice {
-    /// `device_type` is a VIRTIO_ID_*; `features` and `config` are what the
-    /// guest is offered and reads.
-    pub fn new(
-        conn: VhostUserConnection,
-        device_type: u32,
-        features: u64,
-        config: Vec<u8>,
-        num_queues: usize,
-        queue_size: u16,
-    ) -> Self {
-        Self {
-            conn,
-            device_type,
-            features,
-            config,
-            num_queues,
-            queue_size,
-        }
-    }
-
     pub fn raw_fd(&self) -> RawFd {
         self.conn.raw_fd()
     }

@@ -110,14 +110,14 @@ pub fn connect(net: &NetConfig, ram: &GuestRam) -> Result<VhostUserDevice, Vhost
     let mac = choose_mac(net, offered, &config);
     tracing::info!(socket = %net.socket.display(), mac = %format_mac(&mac), "virtio-net MAC");
     guest_config(&mut config, offered, &mac, net.num_queues);
-    Ok(VhostUserDevice::new(
+    Ok(VhostUserDevice {
         conn,
-        VIRTIO_ID_NET,
-        guest_features(offered),
+        device_type: VIRTIO_ID_NET,
+        features: guest_features(offered),
         config,
-        2 * usize::from(net.num_queues),
-        net.queue_size,
-    ))
+        num_queues: 2 * usize::from(net.num_queues),
+        queue_size: net.queue_size,
+    })
 }
 
 /// The MAC the guest sees: `mac=`, else the backend's (when it offers
