@@ -2,49 +2,92 @@
 
 use std::path::PathBuf;
 
-use crate::devices::virtio::vhost_user::blk::{DiskConfig, DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE};
+use crate::devices::virtio::vhost_user::blk::{self, DiskConfig};
+use crate::devices::virtio::vhost_user::net::{self, NetConfig};
 use crate::devices::virtio::vhost_user::MAX_QUEUES;
 use crate::vm::SerialMode;
+
+/// The `key=value` pairs of a comma-separated device spec; `form` says
+/// what is accepted.
+fn key_values<'a>(
+    s: &'a str,
+    form: &'a str,
+) -> impl Iterator<Item = Result<(&'a str, &'a str), String>> + 'a {
+    s.split(',').map(move |part| {
+        part.split_once('=')
+            .ok_or_else(|| format!("'{part}' is not key=value: {form}"))
+    })
+}
+
+/// `num_queues=N`: a number from 1 to `max`.
+fn parse_num_queues(value: &str, max: u16) -> Result<u16, String> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| format!("num_queues={value}: use a number from 1 to {max}"))
+}
+
+/// `queue_size=N`: a power of two up to `max`.
+fn parse_queue_size(value: &str, max: u16) -> Result<u16, String> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|n| n.is_power_of_two() && *n <= max)
+        .ok_or_else(|| format!("queue_size={value}: use a power of two from 1 to {max}"))
+}
 
 /// Parses `socket=PATH[,num_queues=N][,queue_size=N]`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     const FORM: &str = "use socket=PATH[,num_queues=N][,queue_size=N]";
     let mut socket = None;
     let mut num_queues = None;
-    let mut queue_size = DEFAULT_QUEUE_SIZE;
-    for part in s.split(',') {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| format!("'{part}' is not key=value: {FORM}"))?;
-        match key {
-            "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
-            "num_queues" => {
-                num_queues = Some(
-                    value
-                        .parse::<u16>()
-                        .ok()
-                        .filter(|n| (1..=MAX_QUEUES as u16).contains(n))
-                        .ok_or_else(|| {
-                            format!("num_queues={value}: use a number from 1 to {MAX_QUEUES}")
-                        })?,
-                )
-            }
-            "queue_size" => {
-                queue_size = value
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| n.is_power_of_two() && *n <= MAX_QUEUE_SIZE)
-                    .ok_or_else(|| {
-                        format!("queue_size={value}: use a power of two from 1 to {MAX_QUEUE_SIZE}")
-                    })?
-            }
-            _ => return Err(format!("unknown or empty key '{key}': {FORM}")),
+    let mut queue_size = blk::DEFAULT_QUEUE_SIZE;
+    for kv in key_values(s, FORM) {
+        match kv? {
+            ("socket", value) if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            ("num_queues", value) => num_queues = Some(parse_num_queues(value, MAX_QUEUES as u16)?),
+            ("queue_size", value) => queue_size = parse_queue_size(value, blk::MAX_QUEUE_SIZE)?,
+            (key, _) => return Err(format!("unknown or empty key '{key}': {FORM}")),
         }
     }
     Ok(DiskConfig {
         socket: socket.ok_or_else(|| format!("no socket=PATH: {FORM}"))?,
         num_queues,
         queue_size,
+    })
+}
+
+/// Parses `socket=PATH[,num_queues=N][,queue_size=N][,mac=MAC]`.
+pub fn parse_net(s: &str) -> Result<NetConfig, String> {
+    const FORM: &str = "use socket=PATH[,num_queues=N][,queue_size=N][,mac=MAC]";
+    let mut socket = None;
+    let mut num_queues = 1;
+    let mut queue_size = net::DEFAULT_QUEUE_SIZE;
+    let mut mac = None;
+    for kv in key_values(s, FORM) {
+        match kv? {
+            ("socket", value) if !value.is_empty() => socket = Some(PathBuf::from(value)),
+            ("num_queues", value) => {
+                num_queues = parse_num_queues(value, MAX_QUEUES as u16 / 2)?;
+                if num_queues > net::MAX_QUEUE_PAIRS {
+                    return Err(format!(
+                        "num_queues={value}: ringvm gives a virtio-net device {} RX/TX queue pair for now: \
+                         multiqueue needs the control virtqueue (VIRTIO_NET_F_CTRL_VQ), which ringvm does not serve yet",
+                        net::MAX_QUEUE_PAIRS
+                    ));
+                }
+            }
+            ("queue_size", value) => queue_size = parse_queue_size(value, net::MAX_QUEUE_SIZE)?,
+            ("mac", value) => mac = Some(net::parse_mac(value)?),
+            (key, _) => return Err(format!("unknown or empty key '{key}': {FORM}")),
+        }
+    }
+    Ok(NetConfig {
+        socket: socket.ok_or_else(|| format!("no socket=PATH: {FORM}"))?,
+        num_queues,
+        queue_size,
+        mac,
     })
 }
 
@@ -110,7 +153,7 @@ mod tests {
             Ok(DiskConfig {
                 socket: "/tmp/b.sock".into(),
                 num_queues: None,
-                queue_size: DEFAULT_QUEUE_SIZE
+                queue_size: blk::DEFAULT_QUEUE_SIZE
             })
         );
         let d = parse_disk("socket=/s,num_queues=4,queue_size=1024").unwrap();
@@ -131,6 +174,41 @@ mod tests {
             .contains("unknown"));
         assert!(parse_disk("/tmp/b.sock").unwrap_err().contains("key=value"));
         assert!(parse_disk("socket=").is_err());
+    }
+
+    #[test]
+    fn nets() {
+        assert_eq!(
+            parse_net("socket=/tmp/n.sock"),
+            Ok(NetConfig {
+                socket: "/tmp/n.sock".into(),
+                num_queues: 1,
+                queue_size: net::DEFAULT_QUEUE_SIZE,
+                mac: None,
+            })
+        );
+        let n = parse_net("socket=/s,num_queues=1,queue_size=1024,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(
+            (n.num_queues, n.queue_size, n.mac),
+            (1, 1024, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]))
+        );
+        let err = |spec: &str| parse_net(spec).unwrap_err();
+        assert!(err("mac=52:54:00:12:34:56").contains("no socket"));
+        assert!(err("socket=").contains("unknown or empty key 'socket'"));
+        assert!(err("socket=/s,num_queues=0").contains("num_queues=0"));
+        assert!(err("socket=/s,num_queues=x").contains("num_queues=x"));
+        assert!(err("socket=/s,num_queues=33").contains("1 to 32"));
+        let two = err("socket=/s,num_queues=2");
+        assert!(
+            two.contains("num_queues=2") && two.contains("VIRTIO_NET_F_CTRL_VQ"),
+            "{two}"
+        );
+        assert!(err("socket=/s,queue_size=100").contains("queue_size=100"));
+        assert!(err("socket=/s,queue_size=65536").contains("power of two"));
+        assert!(err("socket=/s,mac=52:54:00").contains("mac=52:54:00"));
+        assert!(err("socket=/s,mac=ff:ff:ff:ff:ff:ff").contains("multicast"));
+        assert!(err("socket=/s,color=red").contains("unknown or empty key 'color'"));
+        assert!(err("/tmp/n.sock").contains("key=value"));
     }
 
     #[test]

@@ -44,6 +44,10 @@ struct Cli {
     /// PATH (repeatable): socket=PATH[,num_queues=N][,queue_size=N].
     #[arg(long, value_name = "SPEC", value_parser = config::parse_disk)]
     disk: Vec<ringvm::devices::virtio::vhost_user::blk::DiskConfig>,
+    /// A virtio-net device served by a vhost-user-net backend listening on
+    /// PATH (repeatable): socket=PATH[,num_queues=N][,queue_size=N][,mac=MAC].
+    #[arg(long, value_name = "SPEC", value_parser = config::parse_net)]
+    net: Vec<ringvm::devices::virtio::vhost_user::net::NetConfig>,
     /// Serial console: stdio, file=PATH or off.
     #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = config::parse_serial)]
     serial: SerialMode,
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
         memory_bytes: cli.memory,
         serial: cli.serial,
         disks: cli.disk,
+        nets: cli.net,
     };
     match vm::run(&cfg) {
         Ok(reason) => {

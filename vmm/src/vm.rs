@@ -22,8 +22,9 @@ use crate::devices::pvpanic::PvPanic;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::{PanicWatch, SerialConsole, SerialOut};
 use crate::devices::virtio::pci::{VirtioPciDevice, VirtioPciError, BAR_SIZE};
-use crate::devices::virtio::vhost_user::blk::{DiskConfig, VhostUserBlkFrontend};
-use crate::devices::virtio::vhost_user::VhostUserError;
+use crate::devices::virtio::vhost_user::blk::{self, DiskConfig};
+use crate::devices::virtio::vhost_user::net::{self, NetConfig};
+use crate::devices::virtio::vhost_user::{VhostUserDevice, VhostUserError};
 use crate::devices::{BusError, ExitReason, ExitSignal, PioBus};
 use crate::event_loop::BackendWatch;
 use crate::event_loop::{
@@ -50,10 +51,13 @@ pub struct VmConfig {
     pub memory_bytes: u64,
     pub serial: SerialMode,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 /// PCI class of virtio-blk functions: mass storage, SCSI (as QEMU uses).
 const PCI_CLASS_STORAGE: (u8, u8) = (0x01, 0x00);
+/// PCI class of virtio-net functions: network, Ethernet.
+const PCI_CLASS_NETWORK: (u8, u8) = (0x02, 0x00);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -89,6 +93,12 @@ pub enum VmError {
         #[source]
         source: VhostUserError,
     },
+    #[error("--net {index}")]
+    Net {
+        index: usize,
+        #[source]
+        source: VhostUserError,
+    },
     #[error("setting up the PCI function of {name}")]
     VirtioPci {
         name: String,
@@ -113,6 +123,7 @@ impl VmError {
                 | VmError::SerialFile { .. }
                 | VmError::Memory(MemoryError::TooSmall(_))
                 | VmError::Disk { .. }
+                | VmError::Net { .. }
         )
     }
 }
@@ -244,7 +255,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         1,
         Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
     )?;
-    let (pci, backends) = attach_disks(&kvm, &ram, &cfg.disks)?;
+    let (pci, backends) = attach_devices(&kvm, &ram, &cfg.disks, &cfg.nets)?;
     let pci = Arc::new(pci);
     bus(
         &mut pio,
@@ -325,42 +336,68 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     Ok(reason)
 }
 
-/// Connects every `--disk` to its backend and puts its virtio-pci function
-/// on the bus, BARs placed upwards from the start of the MMIO hole.
-fn attach_disks(
+/// Connects every `--disk`, then every `--net`, to its backend and puts its
+/// virtio-pci function on the bus, BARs placed upwards from the start of
+/// the MMIO hole.
+fn attach_devices(
     kvm: &Arc<KvmVm>,
     ram: &GuestRam,
     disks: &[DiskConfig],
+    nets: &[NetConfig],
 ) -> Result<(PciBus, Vec<BackendWatch>), VmError> {
-    let mut pci = PciBus::new();
-    let mut watches = Vec::with_capacity(disks.len());
-    let mut next_bar = MMIO_HOLE_START.0;
+    let mut slots = DeviceSlots {
+        kvm,
+        pci: PciBus::new(),
+        watches: Vec::with_capacity(disks.len() + nets.len()),
+        next_bar: MMIO_HOLE_START.0,
+    };
     for (index, disk) in disks.iter().enumerate() {
-        let frontend = VhostUserBlkFrontend::new(disk, ram)
-            .map_err(|source| VmError::Disk { index, source })?;
-        let name = format!("disk{index} ({})", frontend.socket().display());
-        let fd = frontend.raw_fd();
-        if next_bar + BAR_SIZE > IOAPIC_START.0 {
+        let frontend = blk::connect(disk, ram).map_err(|source| VmError::Disk { index, source })?;
+        slots.add(format!("disk{index}"), frontend, PCI_CLASS_STORAGE)?;
+    }
+    for (index, net) in nets.iter().enumerate() {
+        let frontend = net::connect(net, ram).map_err(|source| VmError::Net { index, source })?;
+        slots.add(format!("net{index}"), frontend, PCI_CLASS_NETWORK)?;
+    }
+    Ok((slots.pci, slots.watches))
+}
+
+/// The PCI bus being filled, and where the next BAR goes.
+struct DeviceSlots<'a> {
+    kvm: &'a Arc<KvmVm>,
+    pci: PciBus,
+    watches: Vec<BackendWatch>,
+    next_bar: u64,
+}
+
+impl DeviceSlots<'_> {
+    /// Puts `device` behind a virtio-pci function named `id` and its
+    /// socket; the event loop watches the socket.
+    fn add(&mut self, id: String, device: VhostUserDevice, class: (u8, u8)) -> Result<(), VmError> {
+        let name = format!("{id} ({})", device.socket().display());
+        let fd = device.raw_fd();
+        if self.next_bar + BAR_SIZE > IOAPIC_START.0 {
             return Err(VmError::MmioHoleFull(name));
         }
         let dev = VirtioPciDevice::new(
             name.clone(),
-            Box::new(frontend),
-            kvm.clone(),
-            next_bar,
-            PCI_CLASS_STORAGE,
+            Box::new(device),
+            self.kvm.clone(),
+            self.next_bar,
+            class,
         )
         .map_err(|source| VmError::VirtioPci {
             name: name.clone(),
             source,
         })?;
-        next_bar += BAR_SIZE;
+        self.next_bar += BAR_SIZE;
         let dev = Arc::new(Mutex::new(dev));
-        pci.add(dev.clone())
+        self.pci
+            .add(dev.clone())
             .map_err(|e| VmError::PciFull(name, e))?;
-        watches.push(BackendWatch { fd, device: dev });
+        self.watches.push(BackendWatch { fd, device: dev });
+        Ok(())
     }
-    Ok((pci, watches))
 }
 
 fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {

@@ -1,4 +1,4 @@
-//! `VhostUserBlkFrontend`: a virtio-blk device whose queues a vhost-user-blk
+//! `connect()`: a virtio-blk device (a [`VhostUserDevice`]) whose queues a vhost-user-blk
 //! backend (ringvm-blk, qemu-storage-daemon) serves. ringvm only negotiates:
 //! features offered to the guest are the backend's, restricted to what the
 //! transport supports; the configuration space is the backend's, with
@@ -15,8 +15,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::{VhostUserConnection, VhostUserError};
-use crate::devices::virtio::{ActivateError, ActiveQueue, VirtioDevice};
+use super::{VhostUserConnection, VhostUserDevice, VhostUserError};
 use crate::memory::GuestRam;
 
 /// The configuration space ringvm reads and shows: virtio_blk_config up to
@@ -56,67 +55,34 @@ pub struct DiskConfig {
     pub queue_size: u16,
 }
 
-pub struct VhostUserBlkFrontend {
-    conn: VhostUserConnection,
-    features: u64,
-    config: Vec<u8>,
-    num_queues: u16,
-    queue_size: u16,
-}
-
-impl VhostUserBlkFrontend {
-    /// Connects to the backend and checks it serves a virtio-blk device.
-    pub fn new(disk: &DiskConfig, ram: &GuestRam) -> Result<Self, VhostUserError> {
-        let mut conn = VhostUserConnection::connect(&disk.socket, ram)?;
-        let bad = |reason: String| VhostUserError::BadDevice {
-            socket: disk.socket.clone(),
-            reason,
-        };
-        let offered = conn.virtio_features();
-        if offered & (1 << VIRTIO_F_VERSION_1) == 0 {
-            return Err(VhostUserError::MissingFeature {
-                socket: disk.socket.clone(),
-                what: "VIRTIO_F_VERSION_1",
-            });
-        }
-        let mut config = conn.get_config(CONFIG_LEN as u32).map_err(|e| match e {
-            VhostUserError::Handshake { source, .. } => bad(format!(
-                "it did not return a virtio-blk configuration space ({source}); is it a vhost-user-blk backend?"
-            )),
-            other => other,
-        })?;
-        let features = offered & SUPPORTED_FEATURES;
-        check_blk_config(&config, features)
-            .map_err(|r| bad(format!("{r}; is it a vhost-user-blk backend?")))?;
-        let backend_queues = if features & (1 << VIRTIO_BLK_F_MQ) != 0 {
-            u16::from_le_bytes([config[NUM_QUEUES_OFFSET], config[NUM_QUEUES_OFFSET + 1]])
-        } else {
-            1
-        }
-        .min(conn.queue_num().min(super::MAX_QUEUES) as u16);
-        let num_queues = disk.num_queues.unwrap_or(backend_queues);
-        if num_queues > backend_queues {
-            return Err(bad(format!(
-                "--disk asks for num_queues={num_queues}, but the backend serves {backend_queues}"
-            )));
-        }
-        config[NUM_QUEUES_OFFSET..NUM_QUEUES_OFFSET + 2].copy_from_slice(&num_queues.to_le_bytes());
-        Ok(Self {
-            conn,
-            features,
-            config,
-            num_queues,
-            queue_size: disk.queue_size,
-        })
+/// Connects to `disk`'s backend and checks it serves a virtio-blk device.
+pub fn connect(disk: &DiskConfig, ram: &GuestRam) -> Result<VhostUserDevice, VhostUserError> {
+    let mut conn = VhostUserConnection::connect(&disk.socket, ram)?;
+    let mut config = conn.get_config(CONFIG_LEN, "vhost-user-blk")?;
+    let features = conn.virtio_features() & SUPPORTED_FEATURES;
+    check_blk_config(&config, features)
+        .map_err(|r| conn.bad_device(format!("{r}; is it a vhost-user-blk backend?")))?;
+    let backend_queues = if features & (1 << VIRTIO_BLK_F_MQ) != 0 {
+        u16::from_le_bytes([config[NUM_QUEUES_OFFSET], config[NUM_QUEUES_OFFSET + 1]])
+    } else {
+        1
     }
-
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.conn.raw_fd()
+    .min(conn.queue_num().unwrap_or(1).min(super::MAX_QUEUES) as u16);
+    let num_queues = disk.num_queues.unwrap_or(backend_queues);
+    if num_queues > backend_queues {
+        return Err(conn.bad_device(format!(
+            "--disk asks for num_queues={num_queues}, but the backend serves {backend_queues}"
+        )));
     }
-
-    pub fn socket(&self) -> &std::path::Path {
-        self.conn.socket()
-    }
+    config[NUM_QUEUES_OFFSET..NUM_QUEUES_OFFSET + 2].copy_from_slice(&num_queues.to_le_bytes());
+    Ok(VhostUserDevice {
+        conn,
+        device_type: VIRTIO_ID_BLOCK,
+        features,
+        config,
+        num_queues: usize::from(num_queues),
+        queue_size: disk.queue_size,
+    })
 }
 
 /// Sanity checks that tell a virtio-blk configuration space from another
@@ -147,50 +113,6 @@ fn check_blk_config(config: &[u8], features: u64) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-impl VirtioDevice for VhostUserBlkFrontend {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn num_queues(&self) -> usize {
-        usize::from(self.num_queues)
-    }
-
-    fn max_queue_size(&self) -> u16 {
-        self.queue_size
-    }
-
-    fn features(&self) -> u64 {
-        self.features
-    }
-
-    fn config_len(&self) -> usize {
-        self.config.len()
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = offset as usize;
-        match self.config.get(start..start + data.len()) {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Only the writeback flag is writable in virtio-blk's space, and
-        // ringvm does not offer CONFIG_WCE writes to the backend yet.
-        tracing::debug!(offset, len = data.len(), "virtio-blk config write ignored");
-    }
-
-    fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), ActivateError> {
-        self.conn.start(features, queues)
-    }
-
-    fn reset(&mut self) {
-        self.conn.stop();
-    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! that hangs cannot hang the guest forever.
 
 pub mod blk;
+pub mod net;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -18,9 +19,10 @@ use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{ActivateError, ActiveQueue};
+use super::{ActivateError, ActiveQueue, VirtioDevice};
 use crate::memory::GuestRam;
 
 /// How long one message to the backend may take before ringvm gives up on it.
@@ -64,7 +66,8 @@ pub struct VhostUserConnection {
     frontend: Frontend,
     /// Virtio feature bits the backend offers (without PROTOCOL_FEATURES).
     virtio_features: u64,
-    queue_num: u64,
+    /// GET_QUEUE_NUM's answer; None without the MQ protocol feature.
+    queue_num: Option<u64>,
     memory: GuestMemoryMmap,
     started: Vec<usize>,
 }
@@ -103,6 +106,12 @@ impl VhostUserConnection {
                 what: "VHOST_USER_F_PROTOCOL_FEATURES",
             });
         }
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(VhostUserError::MissingFeature {
+                socket: socket.to_owned(),
+                what: "VIRTIO_F_VERSION_1",
+            });
+        }
         let offered = frontend
             .get_protocol_features()
             .map_err(step("GET_PROTOCOL_FEATURES"))?;
@@ -117,9 +126,9 @@ impl VhostUserConnection {
             .set_protocol_features(protocol)
             .map_err(step("SET_PROTOCOL_FEATURES"))?;
         let queue_num = if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?
+            Some(frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?)
         } else {
-            1
+            None
         };
         let memory = ram.memory().clone();
         let regions = memory
@@ -148,9 +157,18 @@ impl VhostUserConnection {
         self.virtio_features
     }
 
-    /// Queues the backend says it serves (GET_QUEUE_NUM, or 1 without MQ).
-    pub fn queue_num(&self) -> u64 {
+    /// Queues the backend says it serves (GET_QUEUE_NUM), or None when it
+    /// has no MQ protocol feature (it serves the device's minimum then).
+    pub fn queue_num(&self) -> Option<u64> {
         self.queue_num
+    }
+
+    /// The error for a backend that serves another kind of device.
+    pub fn bad_device(&self, reason: String) -> VhostUserError {
+        VhostUserError::BadDevice {
+            socket: self.socket.clone(),
+            reason,
+        }
     }
 
     /// The socket, for the event loop to notice the backend going away.
@@ -158,17 +176,25 @@ impl VhostUserConnection {
         self.frontend.as_raw_fd()
     }
 
-    /// Reads `len` bytes of the device configuration space.
-    pub fn get_config(&mut self, len: u32) -> Result<Vec<u8>, VhostUserError> {
-        let buf = vec![0u8; len as usize];
+    /// Reads `len` bytes of the device configuration space of a `kind`
+    /// backend ("vhost-user-blk"); a refusal is reported as a backend of
+    /// another kind.
+    pub fn get_config(&mut self, len: usize, kind: &str) -> Result<Vec<u8>, VhostUserError> {
+        let buf = vec![0u8; len];
         let (_, payload) = self
             .frontend
-            .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(|source| VhostUserError::Handshake {
-                socket: self.socket.clone(),
-                step: "GET_CONFIG",
-                source,
+            .get_config(0, len as u32, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(|source| {
+                self.bad_device(format!(
+                    "it did not return a {len}-byte configuration space ({source}); is it a {kind} backend?"
+                ))
             })?;
+        if payload.len() != len {
+            return Err(self.bad_device(format!(
+                "its configuration space is {} bytes, not {len}; is it a {kind} backend?",
+                payload.len()
+            )));
+        }
         Ok(payload)
     }
 
@@ -186,9 +212,11 @@ impl VhostUserConnection {
         features: u64,
         queues: &[ActiveQueue<'_>],
     ) -> Result<(), ActivateError> {
+        // The backend only hears of the features it offered: a frontend
+        // may show the guest more (virtio-net's MAC, from ringvm).
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
-            .set_features(features | protocol_bit)
+            .set_features((features & self.virtio_features) | protocol_bit)
             .map_err(ActivateError::Backend)?;
         for q in queues {
             let n = usize::from(q.config.size);
@@ -229,5 +257,104 @@ impl VhostUserConnection {
                 tracing::warn!(socket = %self.socket.display(), queue = q, "stopping the ring failed: {e}");
             }
         }
+    }
+}
+
+/// A virtio device whose queues a vhost-user backend serves: what blk.rs or
+/// net.rs settled when it connected (offered features, configuration space,
+/// queue count), and the connection that starts and stops the rings. ringvm
+/// only negotiates; it never sees a request.
+pub struct VhostUserDevice {
+    pub(super) conn: VhostUserConnection,
+    /// VIRTIO_ID_* of the device.
+    pub(super) device_type: u32,
+    /// What the guest is offered, and the configuration space it reads.
+    pub(super) features: u64,
+    pub(super) config: Vec<u8>,
+    pub(super) num_queues: usize,
+    pub(super) queue_size: u16,
+}
+
+impl VhostUserDevice {
+    pub fn raw_fd(&self) -> RawFd {
+        self.conn.raw_fd()
+    }
+
+    pub fn socket(&self) -> &Path {
+        self.conn.socket()
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config_len(&self) -> usize {
+        self.config.len()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // virtio-net's space is read-only for a modern driver; in
+        // virtio-blk's only the writeback flag is writable, and ringvm does
+        // not offer CONFIG_WCE.
+        tracing::debug!(
+            device_type = self.device_type,
+            offset,
+            len = data.len(),
+            "device configuration write ignored"
+        );
+    }
+
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), ActivateError> {
+        self.conn.start(features, queues)
+    }
+
+    fn reset(&mut self) {
+        self.conn.stop();
+    }
+}
+
+/// A device configuration space read: bytes outside `config` read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let bytes = usize::try_from(offset)
+        .ok()
+        .and_then(|start| config.get(start..start.checked_add(data.len())?));
+    match bytes {
+        Some(src) => data.copy_from_slice(src),
+        None => data.fill(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_inside_and_outside_the_space() {
+        let config = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 2];
+        read_config_bytes(&config, 1, &mut d);
+        assert_eq!(d, [2, 3]);
+        read_config_bytes(&config, 3, &mut d);
+        assert_eq!(d, [0, 0], "a read past the end reads zeroes");
+        read_config_bytes(&config, u64::MAX, &mut d);
+        assert_eq!(d, [0, 0]);
     }
 }
