@@ -81,8 +81,7 @@ struct ReadySignal {
 impl Write for ReadySignal {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.seen.extend_from_slice(buf);
-        if self.ready.is_some() && String::from_utf8_lossy(&self.seen).contains("net-echo ready")
-        {
+        if self.ready.is_some() && String::from_utf8_lossy(&self.seen).contains("net-echo ready") {
             let _ = self.ready.take().expect("checked").send(());
         }
         Ok(buf.len())

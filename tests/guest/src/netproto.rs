@@ -342,7 +342,11 @@ mod tests {
         icmp.extend_from_slice(payload);
         let sum = checksum(&[&icmp]);
         icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-        eth(GUEST_MAC, ETHERTYPE_IPV4, &ipv4(1, HOST_IP, GUEST_IP, &icmp))
+        eth(
+            GUEST_MAC,
+            ETHERTYPE_IPV4,
+            &ipv4(1, HOST_IP, GUEST_IP, &icmp),
+        )
     }
 
     fn udp(dst_port: u16, payload: &[u8], with_checksum: bool) -> Vec<u8> {
@@ -482,7 +486,10 @@ mod tests {
                 let mut bad = frame.clone();
                 bad[at] ^= 0x40;
                 let verdict = answer(&IFACE, &bad, &mut out);
-                assert!(matches!(verdict, Verdict::Malformed(_)), "{at}: {verdict:?}");
+                assert!(
+                    matches!(verdict, Verdict::Malformed(_)),
+                    "{at}: {verdict:?}"
+                );
             }
         }
     }
@@ -490,10 +497,17 @@ mod tests {
     #[test]
     fn every_truncation_and_byte_flip_is_handled_without_panic() {
         let mut out = [0u8; 2048];
-        for frame in [arp_request(GUEST_IP), ping(b"hello"), udp(7, b"hello", true)] {
+        for frame in [
+            arp_request(GUEST_IP),
+            ping(b"hello"),
+            udp(7, b"hello", true),
+        ] {
             for len in 0..frame.len() {
                 let verdict = answer(&IFACE, &frame[..len], &mut out);
-                assert!(!matches!(verdict, Verdict::Reply { .. }), "{len}: {verdict:?}");
+                assert!(
+                    !matches!(verdict, Verdict::Reply { .. }),
+                    "{len}: {verdict:?}"
+                );
             }
             for at in 0..frame.len() {
                 for bit in 0..8 {
@@ -521,6 +535,9 @@ mod tests {
             Verdict::Ignored(_)
         ));
         let ipv6 = eth(GUEST_MAC, 0x86dd, &[0x60; 40]);
-        assert!(matches!(answer(&IFACE, &ipv6, &mut out), Verdict::Ignored(_)));
+        assert!(matches!(
+            answer(&IFACE, &ipv6, &mut out),
+            Verdict::Ignored(_)
+        ));
     }
 }

@@ -77,8 +77,7 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
         }
     };
 
-    let mut device =
-        NetDevice::open(FRAME_MAX_BYTES).map_err(|e| failed(format_args!("{e}")))?;
+    let mut device = NetDevice::open(FRAME_MAX_BYTES).map_err(|e| failed(format_args!("{e}")))?;
     let mac = device.config.mac;
     println!(
         "{NAME} ready ip={}.{}.{}.{}/{prefix} port={port} mac={} link={} mrg_rxbuf={} \

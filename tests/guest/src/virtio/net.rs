@@ -222,7 +222,9 @@ impl NetDevice {
                 // checks); the device returned this buffer, it writes it no
                 // more until it is posted again.
                 let n = unsafe {
-                    ptr::read_volatile(self.rx_buffers[first.id as usize].ptr_at::<u16>(HDR_NUM_BUFFERS))
+                    ptr::read_volatile(
+                        self.rx_buffers[first.id as usize].ptr_at::<u16>(HDR_NUM_BUFFERS),
+                    )
                 };
                 u16::from_le(n)
             }
@@ -300,7 +302,9 @@ impl NetDevice {
 
     /// Largest frame [`send`](Self::send) takes.
     pub fn tx_frame_max(&self) -> usize {
-        self.tx_buffers.first().map_or(0, |b| b.len() - NET_HDR_BYTES)
+        self.tx_buffers
+            .first()
+            .map_or(0, |b| b.len() - NET_HDR_BYTES)
     }
 
     /// Returns the transmit buffers the device is done with.
