@@ -293,6 +293,133 @@ fn udp_echo(iface: &Iface, ip_header: &[u8], udp: &[u8], out: &mut [u8]) -> Opti
     None
 }
 
+/// Bytes of the Ethernet, IPv4 and UDP headers of a frame [`udp_frame`] builds.
+pub const UDP_FRAME_HEADER_BYTES: usize = ETH_HEADER_BYTES + IPV4_HEADER_BYTES + UDP_HEADER_BYTES;
+
+/// Writes an ARP request from `iface` for `target` to `out` (at least 42
+/// bytes); its length.
+pub fn arp_request(iface: &Iface, target: [u8; 4], out: &mut [u8]) -> usize {
+    out[0..6].copy_from_slice(&BROADCAST_MAC);
+    out[6..12].copy_from_slice(&iface.mac);
+    put16(out, 12, ETHERTYPE_ARP);
+    let arp = &mut out[ETH_HEADER_BYTES..ETH_HEADER_BYTES + ARP_BYTES];
+    put16(arp, 0, ARP_HTYPE_ETHERNET);
+    put16(arp, 2, ETHERTYPE_IPV4);
+    arp[4] = 6;
+    arp[5] = 4;
+    put16(arp, 6, ARP_OP_REQUEST);
+    arp[8..14].copy_from_slice(&iface.mac);
+    arp[14..18].copy_from_slice(&iface.ip);
+    arp[18..24].fill(0);
+    arp[24..28].copy_from_slice(&target);
+    ETH_HEADER_BYTES + ARP_BYTES
+}
+
+/// The sender (IP, MAC) of an ARP packet addressed to `iface`'s IP (request
+/// or reply), if `frame` is one.
+pub fn arp_sender(iface: &Iface, frame: &[u8]) -> Option<([u8; 4], [u8; 6])> {
+    let arp = frame.get(ETH_HEADER_BYTES..ETH_HEADER_BYTES + ARP_BYTES)?;
+    let ok = be16(frame, 12) == ETHERTYPE_ARP
+        && be16(arp, 0) == ARP_HTYPE_ETHERNET
+        && be16(arp, 2) == ETHERTYPE_IPV4
+        && arp[4] == 6
+        && arp[5] == 4
+        && arp[24..28] == iface.ip;
+    ok.then(|| {
+        let mut ip = [0u8; 4];
+        let mut mac = [0u8; 6];
+        ip.copy_from_slice(&arp[14..18]);
+        mac.copy_from_slice(&arp[8..14]);
+        (ip, mac)
+    })
+}
+
+/// Writes the Ethernet, IPv4 and UDP headers of a datagram of `payload_len`
+/// bytes from `iface` (source port `iface.udp_port`) to `dst_ip:dst_port`
+/// at `dst_mac` into `out`, UDP checksum 0 (none: the payload may change
+/// after); the frame's length. The payload goes at
+/// [`UDP_FRAME_HEADER_BYTES`].. `None` if it does not fit `out` or IPv4.
+pub fn udp_frame(
+    iface: &Iface,
+    dst_mac: [u8; 6],
+    dst_ip: [u8; 4],
+    dst_port: u16,
+    payload_len: usize,
+    out: &mut [u8],
+) -> Option<usize> {
+    let len = UDP_FRAME_HEADER_BYTES.checked_add(payload_len)?;
+    if len > out.len() || len - ETH_HEADER_BYTES > usize::from(u16::MAX) {
+        return None;
+    }
+    out[0..6].copy_from_slice(&dst_mac);
+    out[6..12].copy_from_slice(&iface.mac);
+    put16(out, 12, ETHERTYPE_IPV4);
+    let ip = &mut out[ETH_HEADER_BYTES..ETH_HEADER_BYTES + IPV4_HEADER_BYTES];
+    ip[0] = 0x45;
+    ip[1] = 0;
+    put16(ip, 2, (len - ETH_HEADER_BYTES) as u16);
+    put16(ip, 4, 0);
+    // Don't fragment.
+    put16(ip, 6, 0x4000);
+    ip[8] = IPV4_TTL;
+    ip[9] = IPV4_PROTO_UDP;
+    put16(ip, 10, 0);
+    ip[12..16].copy_from_slice(&iface.ip);
+    ip[16..20].copy_from_slice(&dst_ip);
+    let sum = checksum(&[ip]);
+    put16(ip, 10, sum);
+    let udp = &mut out[ETH_HEADER_BYTES + IPV4_HEADER_BYTES..UDP_FRAME_HEADER_BYTES];
+    put16(udp, 0, iface.udp_port);
+    put16(udp, 2, dst_port);
+    put16(udp, 4, (UDP_HEADER_BYTES + payload_len) as u16);
+    put16(udp, 6, 0);
+    Some(len)
+}
+
+/// The payload of a UDP datagram to `iface`'s IP and port, checksums
+/// checked; `Err` says why `frame` is not one (as [`answer`]'s verdicts).
+pub fn udp_payload<'a>(iface: &Iface, frame: &'a [u8]) -> Result<&'a [u8], Verdict> {
+    if frame.len() < ETH_HEADER_BYTES {
+        return Err(Verdict::Malformed("shorter than an Ethernet header"));
+    }
+    if be16(frame, 12) != ETHERTYPE_IPV4 || frame[0..6] != iface.mac {
+        return Err(Verdict::Ignored("not IPv4 to this MAC"));
+    }
+    let packet = &frame[ETH_HEADER_BYTES..];
+    if packet.len() < IPV4_HEADER_BYTES || packet[0] >> 4 != 4 {
+        return Err(Verdict::Malformed("truncated IPv4 header"));
+    }
+    let header_len = usize::from(packet[0] & 0xf) * 4;
+    let total_len = usize::from(be16(packet, 2));
+    if header_len < IPV4_HEADER_BYTES || total_len < header_len || total_len > packet.len() {
+        return Err(Verdict::Malformed("inconsistent IPv4 lengths"));
+    }
+    let header = &packet[..header_len];
+    if checksum(&[header]) != 0 {
+        return Err(Verdict::Malformed("bad IPv4 header checksum"));
+    }
+    if header[9] != IPV4_PROTO_UDP || header[16..20] != iface.ip {
+        return Err(Verdict::Ignored("not UDP to this IP"));
+    }
+    if be16(header, 6) & IPV4_FRAGMENT_MASK != 0 {
+        return Err(Verdict::Ignored("IPv4 fragment"));
+    }
+    let udp = &packet[header_len..total_len];
+    if udp.len() < UDP_HEADER_BYTES || usize::from(be16(udp, 4)) != udp.len() {
+        return Err(Verdict::Malformed("bad UDP length"));
+    }
+    if be16(udp, 6) != 0 {
+        let pseudo = pseudo_header(&header[12..16], &header[16..20], udp.len() as u16);
+        if checksum(&[&pseudo, udp]) != 0 {
+            return Err(Verdict::Malformed("bad UDP checksum"));
+        }
+    }
+    if be16(udp, 2) != iface.udp_port {
+        return Err(Verdict::Ignored("UDP to another port"));
+    }
+    Ok(&udp[UDP_HEADER_BYTES..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,7 +455,7 @@ mod tests {
         h
     }
 
-    fn arp_request(target: [u8; 4]) -> Vec<u8> {
+    fn arp_request_bytes(target: [u8; 4]) -> Vec<u8> {
         let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
         a.extend_from_slice(&HOST_MAC);
         a.extend_from_slice(&HOST_IP);
@@ -401,7 +528,7 @@ mod tests {
 
     #[test]
     fn arp_request_for_our_ip_is_answered() {
-        let (kind, r) = reply(&arp_request(GUEST_IP));
+        let (kind, r) = reply(&arp_request_bytes(GUEST_IP));
         assert_eq!(kind, ReplyKind::Arp);
         assert_eq!(r.len(), 42);
         assert_eq!(&r[0..6], &HOST_MAC);
@@ -418,7 +545,7 @@ mod tests {
     fn arp_request_for_another_ip_is_ignored() {
         let mut out = [0u8; 128];
         assert!(matches!(
-            answer(&IFACE, &arp_request([10, 0, 0, 3]), &mut out),
+            answer(&IFACE, &arp_request_bytes([10, 0, 0, 3]), &mut out),
             Verdict::Ignored(_)
         ));
     }
@@ -498,7 +625,7 @@ mod tests {
     fn every_truncation_and_byte_flip_is_handled_without_panic() {
         let mut out = [0u8; 2048];
         for frame in [
-            arp_request(GUEST_IP),
+            arp_request_bytes(GUEST_IP),
             ping(b"hello"),
             udp(7, b"hello", true),
         ] {
@@ -539,5 +666,57 @@ mod tests {
             answer(&IFACE, &ipv6, &mut out),
             Verdict::Ignored(_)
         ));
+    }
+
+    #[test]
+    fn arp_request_is_answered_by_our_own_answer() {
+        let host = Iface {
+            mac: HOST_MAC,
+            ip: HOST_IP,
+            udp_port: 7,
+        };
+        let mut request = [0u8; 64];
+        let len = arp_request(&host, GUEST_IP, &mut request);
+        assert_eq!(request[..len], arp_request_bytes(GUEST_IP)[..]);
+        let (kind, r) = reply(&request[..len]);
+        assert_eq!(kind, ReplyKind::Arp);
+        assert_eq!(arp_sender(&host, &r), Some((GUEST_IP, GUEST_MAC)));
+        assert_eq!(arp_sender(&IFACE, &request[..len]), Some((HOST_IP, HOST_MAC)));
+        assert_eq!(arp_sender(&host, &request[..len]), None);
+    }
+
+    #[test]
+    fn udp_frame_round_trips_through_udp_payload() {
+        let host = Iface {
+            mac: HOST_MAC,
+            ip: HOST_IP,
+            udp_port: 40000,
+        };
+        let mut out = [0u8; 2048];
+        let len = udp_frame(&host, GUEST_MAC, GUEST_IP, 7, 5, &mut out).unwrap();
+        out[UDP_FRAME_HEADER_BYTES..len].copy_from_slice(b"hello");
+        assert_eq!(udp_payload(&IFACE, &out[..len]), Ok(&b"hello"[..]));
+        // The same frame as the test's own builder, checksum aside.
+        let mut expected = udp(7, b"hello", false);
+        expected[18..20].copy_from_slice(&[0, 0]);
+        expected[20..22].copy_from_slice(&[0x40, 0]);
+        expected[24..26].copy_from_slice(&[0, 0]);
+        let sum = checksum(&[&expected[14..34]]);
+        expected[24..26].copy_from_slice(&sum.to_be_bytes());
+        let mut got = out[..len].to_vec();
+        got[18..20].copy_from_slice(&[0, 0]);
+        assert_eq!(got, expected);
+        assert!(udp_payload(&IFACE, &udp(7, b"x", true)).is_ok());
+        assert!(matches!(
+            udp_payload(&IFACE, &udp(9, b"x", true)),
+            Err(Verdict::Ignored(_))
+        ));
+        let mut bad = udp(7, b"abc", true);
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(matches!(udp_payload(&IFACE, &bad), Err(Verdict::Malformed(_))));
+        assert_eq!(udp_frame(&host, GUEST_MAC, GUEST_IP, 7, 2048, &mut out), None);
+        for cut in 0..len {
+            assert!(udp_payload(&IFACE, &out[..cut]).is_err());
+        }
     }
 }
