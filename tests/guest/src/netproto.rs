@@ -681,7 +681,10 @@ mod tests {
         let (kind, r) = reply(&request[..len]);
         assert_eq!(kind, ReplyKind::Arp);
         assert_eq!(arp_sender(&host, &r), Some((GUEST_IP, GUEST_MAC)));
-        assert_eq!(arp_sender(&IFACE, &request[..len]), Some((HOST_IP, HOST_MAC)));
+        assert_eq!(
+            arp_sender(&IFACE, &request[..len]),
+            Some((HOST_IP, HOST_MAC))
+        );
         assert_eq!(arp_sender(&host, &request[..len]), None);
     }
 
@@ -713,8 +716,14 @@ mod tests {
         ));
         let mut bad = udp(7, b"abc", true);
         *bad.last_mut().unwrap() ^= 1;
-        assert!(matches!(udp_payload(&IFACE, &bad), Err(Verdict::Malformed(_))));
-        assert_eq!(udp_frame(&host, GUEST_MAC, GUEST_IP, 7, 2048, &mut out), None);
+        assert!(matches!(
+            udp_payload(&IFACE, &bad),
+            Err(Verdict::Malformed(_))
+        ));
+        assert_eq!(
+            udp_frame(&host, GUEST_MAC, GUEST_IP, 7, 2048, &mut out),
+            None
+        );
         for cut in 0..len {
             assert!(udp_payload(&IFACE, &out[..cut]).is_err());
         }

@@ -6,6 +6,7 @@ mod blk_bench;
 mod blk_verify;
 mod echo;
 mod hello;
+mod net_bench;
 mod net_echo;
 mod params;
 
@@ -28,6 +29,7 @@ const JOBS: &[(&str, Job)] = &[
     ("blk-verify", blk_verify::run),
     ("blk-bench", blk_bench::run),
     ("net-echo", net_echo::run),
+    ("net-bench", net_bench::run),
 ];
 
 /// The job called `name`, if there is one.

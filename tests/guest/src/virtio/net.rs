@@ -73,7 +73,7 @@ pub const RX_BUFFER_BYTES: usize = 2048;
 const QUEUE_ENTRIES: u16 = 256;
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
-/// Spins of [`NetDevice::send`] waiting for a free transmit buffer before it
+/// Attempts of [`NetDevice::send`] to find a free transmit buffer before it
 /// gives up on the frame (the device is not consuming the queue).
 const TX_FULL_SPINS: u32 = 1 << 24;
 
@@ -324,6 +324,18 @@ impl NetDevice {
     /// notifies the device if it asked for it. Waits for a free buffer if all
     /// are in flight; `Ok(false)` if none came free (frame not sent).
     pub fn send(&mut self, frame: &[u8]) -> Result<bool, NetError> {
+        for _ in 0..TX_FULL_SPINS {
+            if self.try_send(frame)? {
+                return Ok(true);
+            }
+            core::hint::spin_loop();
+        }
+        Ok(false)
+    }
+
+    /// [`send`](Self::send) without waiting: `Ok(false)` when every transmit
+    /// buffer is in flight.
+    pub fn try_send(&mut self, frame: &[u8]) -> Result<bool, NetError> {
         let max = self.tx_frame_max();
         if frame.len() > max {
             return Err(NetError::FrameTooLarge {
@@ -331,18 +343,11 @@ impl NetDevice {
                 max,
             });
         }
-        self.reap_tx();
-        let mut spins = 0;
-        let slot = loop {
-            if let Some(slot) = self.tx_free.pop() {
-                break slot;
-            }
-            if spins == TX_FULL_SPINS {
-                return Ok(false);
-            }
-            spins += 1;
-            core::hint::spin_loop();
+        if self.tx_free.is_empty() {
             self.reap_tx();
+        }
+        let Some(slot) = self.tx_free.pop() else {
+            return Ok(false);
         };
         let buffer = &mut self.tx_buffers[usize::from(slot)];
         let len = NET_HDR_BYTES + frame.len();
@@ -365,6 +370,16 @@ impl NetDevice {
         self.tx.publish();
         self.tx_packets += 1;
         Ok(true)
+    }
+
+    /// Notify writes done on both queues.
+    pub fn notifies(&self) -> u64 {
+        self.rx.notifies + self.tx.notifies
+    }
+
+    /// Queue sizes (receive, transmit).
+    pub fn queue_sizes(&self) -> (u16, u16) {
+        (self.rx.size(), self.tx.size())
     }
 }
 
