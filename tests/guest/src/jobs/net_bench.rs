@@ -8,7 +8,9 @@
 //!   required, whose MAC it resolves with ARP first), or receives the
 //!   datagrams sent to its `port`;
 //! - `size=` the Ethernet frame bytes without FCS, headers included, from 60
-//!   (the Ethernet minimum: 18 bytes of UDP payload) to 1514 (default 60);
+//!   (the Ethernet minimum: 18 bytes of UDP payload) to 1514 (default 60) in
+//!   tx mode (`size` and `payload` are null in rx mode, which takes whatever
+//!   comes);
 //! - `time=` the measurement (default 10 s; fio spellings). In rx mode it
 //!   starts at the first datagram, which may take up to `wait=` (default
 //!   30 s);
@@ -128,6 +130,18 @@ impl Bench {
     }
 }
 
+/// A number, or `null`.
+struct Maybe<T>(Option<T>);
+
+impl<T: fmt::Display> fmt::Display for Maybe<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(n) => n.fmt(f),
+            None => f.write_str("null"),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Totals {
     elapsed_cycles: u64,
@@ -190,19 +204,20 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
     };
     let per_sec = |n: u64| rate.per_sec(n, totals.elapsed_cycles);
     println!(
-        "result {{\"job\":\"{NAME}\",\"dir\":\"{}\",\"size\":{size},\"payload\":{},\
+        "result {{\"job\":\"{NAME}\",\"dir\":\"{}\",\"size\":{},\"payload\":{},\
          \"time_ms\":{time_ms},\"elapsed_ms\":{},\"packets\":{},\"bytes\":{},\
          \"packets_per_sec\":{},\"bits_per_sec\":{},\"lost\":{},\"dropped\":{},\
          \"tx_ring_full\":{},\"notifies\":{},\"queue_size\":{},\"mrg_rxbuf\":{},\
          \"event_idx\":{},\"tsc_khz\":{}}}",
         if tx { "tx" } else { "rx" },
-        size - UDP_FRAME_HEADER_BYTES,
+        Maybe(tx.then_some(size)),
+        Maybe(tx.then_some(size - UDP_FRAME_HEADER_BYTES)),
         rate.ms(totals.elapsed_cycles),
         totals.packets,
         totals.bytes,
         per_sec(totals.packets),
         per_sec(totals.bytes.saturating_mul(8)),
-        totals.lost.map_or("null".into(), |n| alloc::format!("{n}")),
+        Maybe(totals.lost),
         bench.dropped,
         totals.tx_ring_full,
         bench.device.notifies(),
