@@ -22,6 +22,7 @@ mod heap;
 mod jobs;
 mod memfns;
 mod mmio;
+mod netproto;
 mod pci;
 mod phys;
 mod port;

@@ -6,6 +6,8 @@ mod blk_bench;
 mod blk_verify;
 mod echo;
 mod hello;
+mod net_bench;
+mod net_echo;
 mod params;
 
 use crate::bootinfo::{CmdLine, StartInfo};
@@ -26,6 +28,8 @@ const JOBS: &[(&str, Job)] = &[
     ("echo", echo::run),
     ("blk-verify", blk_verify::run),
     ("blk-bench", blk_bench::run),
+    ("net-echo", net_echo::run),
+    ("net-bench", net_bench::run),
 ];
 
 /// The job called `name`, if there is one.

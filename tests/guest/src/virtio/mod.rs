@@ -1,7 +1,9 @@
 //! Virtio over PCI, driver side: the modern PCI transport ([`pci`]), split
-//! virtqueues ([`queue`]) and the block device ([`blk`]).
+//! virtqueues ([`queue`]), the block device ([`blk`]) and the network device
+//! ([`net`]).
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod queue;
 

@@ -1,0 +1,457 @@
+//! virtio-net (virtio 1.2 5.1) over the modern PCI transport: feature
+//! negotiation, the config space (mac, status, max_virtqueue_pairs), and one
+//! receive/transmit queue pair driven by polling the used rings (interrupts
+//! stay suppressed, as with virtio-blk's completion=poll).
+//!
+//! Buffers: receive queue entry `i` is descriptor `i`, one device-writable
+//! buffer of [`RX_BUFFER_BYTES`], posted at open and re-posted as soon as its
+//! contents are copied out by [`NetDevice::recv`]. With VIRTIO_NET_F_MRG_RXBUF
+//! a packet may span several buffers (`num_buffers` in the header of the
+//! first); without it each buffer holds a whole packet (5.1.6.3.1: without
+//! the GUEST_TSO/UFO features, which are not negotiated, a buffer of at least
+//! 1526 bytes is enough). Transmit queue entry `i` is descriptor `i` with its
+//! own buffer: a zeroed `virtio_net_hdr_v1` (no offloads) and the frame.
+//!
+//! Multiqueue: VIRTIO_NET_F_MQ requires VIRTIO_NET_F_CTRL_VQ (5.1.3.1), and a
+//! device starts with one pair; more pairs are only enabled by a
+//! VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET command on the control queue (5.1.6.5.5).
+//! The driver accepts MQ only with CTRL_VQ, reads max_virtqueue_pairs, and
+//! drives pair 0 (queues 0 and 1) without sending any command.
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::ptr;
+
+use super::pci::{VirtioPci, VirtioPciError};
+use super::queue::{Descriptor, SplitQueue, VIRTQ_DESC_F_WRITE};
+use super::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX};
+use crate::heap::DmaBuf;
+use crate::pci::BarWindow;
+
+/// PCI device IDs of virtio-net: modern (0x1040 + 1) and transitional.
+pub const VIRTIO_NET_PCI_DEVICE_IDS: &[u16] = &[0x1041, 0x1000];
+
+// Feature bits (5.1.3).
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+/// Accepted whenever offered (MQ and CTRL_VQ only together, see the module
+/// doc).
+const FEATURES_WANTED: u64 = VIRTIO_NET_F_MAC
+    | VIRTIO_NET_F_MRG_RXBUF
+    | VIRTIO_NET_F_STATUS
+    | VIRTIO_F_EVENT_IDX
+    | VIRTIO_F_ACCESS_PLATFORM;
+
+/// The MAC the driver uses when the device offers none (locally
+/// administered, unicast).
+pub const DRIVER_MAC: [u8; 6] = [0x02, 0x72, 0x76, 0x6d, 0x00, 0x01];
+/// config.status: the link is up (5.1.4).
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+// struct virtio_net_config (5.1.4).
+const CFG_MAC: u64 = 0;
+const CFG_STATUS: u64 = 6;
+const CFG_MAX_VIRTQUEUE_PAIRS: u64 = 8;
+/// Reads of the config before giving up on a stable config_generation.
+const CONFIG_READ_ATTEMPTS: u32 = 100;
+
+/// struct virtio_net_hdr_v1 (5.1.6): flags, gso_type, hdr_len, gso_size,
+/// csum_start, csum_offset, num_buffers. With VERSION_1 it always has
+/// num_buffers, MRG_RXBUF or not.
+pub const NET_HDR_BYTES: usize = 12;
+const HDR_NUM_BUFFERS: usize = 10;
+
+/// Bytes of one receive buffer: a whole 1514-byte frame and its header fit
+/// in one (so without MRG_RXBUF too), and 2 KiB keeps them from straddling
+/// pages in the heap's 4 KiB-aligned allocations.
+pub const RX_BUFFER_BYTES: usize = 2048;
+/// Entries of each queue (less if the device's maximum is smaller): enough
+/// receive buffers to absorb a burst from the host while the job answers.
+const QUEUE_ENTRIES: u16 = 256;
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+/// Attempts of [`NetDevice::send`] to find a free transmit buffer before it
+/// gives up on the frame (the device is not consuming the queue).
+const TX_FULL_SPINS: u32 = 1 << 24;
+
+pub enum NetError {
+    NotFound,
+    Transport(VirtioPciError),
+    NoDeviceConfig,
+    UnstableConfig,
+    FrameTooLarge { len: usize, max: usize },
+    OutOfMemory(&'static str),
+}
+
+impl From<VirtioPciError> for NetError {
+    fn from(e: VirtioPciError) -> Self {
+        NetError::Transport(e)
+    }
+}
+
+impl fmt::Display for NetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetError::NotFound => write!(f, "no virtio-net PCI device on bus 0"),
+            NetError::Transport(e) => e.fmt(f),
+            NetError::NoDeviceConfig => write!(f, "virtio-net device has no device config"),
+            NetError::UnstableConfig => write!(f, "virtio-net config keeps changing"),
+            NetError::FrameTooLarge { len, max } => {
+                write!(f, "frame of {len} bytes, transmit buffers hold {max}")
+            }
+            NetError::OutOfMemory(what) => write!(f, "out of memory for {what}"),
+        }
+    }
+}
+
+/// What the device's config says (fields of features not negotiated are 0).
+#[derive(Clone, Copy, Default)]
+pub struct NetConfig {
+    pub mac: [u8; 6],
+    /// VIRTIO_NET_S_* bits; LINK_UP when STATUS is not negotiated.
+    pub status: u16,
+    pub max_virtqueue_pairs: u16,
+}
+
+/// A MAC address printed as `52:54:00:12:34:56`.
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// Why a received packet was not handed to the caller (its buffers are
+/// posted again either way).
+#[derive(Clone, Copy, Debug)]
+pub enum RxDrop {
+    /// Used length shorter than the header.
+    Short,
+    /// num_buffers of 0, or more than the buffers the device returned.
+    BadNumBuffers,
+    /// Larger than the caller's buffer.
+    TooLarge,
+}
+
+/// What [`set_up`] builds: config, receive queue and buffers, transmit
+/// queue and buffers.
+type QueuePair = (NetConfig, SplitQueue, Vec<DmaBuf>, SplitQueue, Vec<DmaBuf>);
+
+pub struct NetDevice {
+    transport: VirtioPci,
+    pub features: u64,
+    pub config: NetConfig,
+    rx: SplitQueue,
+    rx_buffers: Vec<DmaBuf>,
+    tx: SplitQueue,
+    tx_buffers: Vec<DmaBuf>,
+    /// Transmit entries the device does not hold.
+    tx_free: Vec<u16>,
+    /// Packets received (dropped ones included) and sent.
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+impl NetDevice {
+    /// Finds the first virtio-net device on bus 0 and initializes it (3.1.1
+    /// up to DRIVER_OK), with every receive buffer posted. `tx_frame_bytes`:
+    /// the largest frame [`send`](Self::send) must take.
+    pub fn open(tx_frame_bytes: usize) -> Result<NetDevice, NetError> {
+        let function = super::pci::find(VIRTIO_NET_PCI_DEVICE_IDS).ok_or(NetError::NotFound)?;
+        let transport = VirtioPci::open(function, &mut BarWindow::default())?;
+        let mut features =
+            transport.negotiate(FEATURES_WANTED | VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ)?;
+        if features & VIRTIO_NET_F_MQ != 0 && features & VIRTIO_NET_F_CTRL_VQ == 0 {
+            // A device offering MQ without CTRL_VQ breaks 5.1.3.1, and the
+            // driver must not accept it: start over (negotiate resets).
+            features = transport.negotiate(FEATURES_WANTED)?;
+        }
+        match set_up(&transport, features, tx_frame_bytes) {
+            Ok(parts) => {
+                transport.driver_ok();
+                let (config, mut rx, rx_buffers, tx, tx_buffers) = parts;
+                rx.publish();
+                Ok(NetDevice {
+                    transport,
+                    features,
+                    config,
+                    tx_free: (0..tx.size()).rev().collect(),
+                    rx,
+                    rx_buffers,
+                    tx,
+                    tx_buffers,
+                    rx_packets: 0,
+                    tx_packets: 0,
+                })
+            }
+            Err(e) => {
+                transport.fail();
+                Err(e)
+            }
+        }
+    }
+
+    pub fn has(&self, feature: u64) -> bool {
+        self.features & feature != 0
+    }
+
+    /// The device status register (for reports).
+    pub fn device_status(&self) -> u8 {
+        self.transport.status()
+    }
+
+    /// The next received frame (without its virtio header), copied into
+    /// `frame`: `Some(Ok(len))`, `Some(Err(why))` for a packet dropped, `None`
+    /// when nothing has arrived.
+    pub fn recv(&mut self, frame: &mut [u8]) -> Option<Result<usize, RxDrop>> {
+        let first = self.pop_rx()?;
+        self.rx_packets += 1;
+        let mut result = self.copy_out(first.id, first.len, 0, frame);
+        let num_buffers = match result {
+            Ok(_) if self.has(VIRTIO_NET_F_MRG_RXBUF) => {
+                // SAFETY: HDR_NUM_BUFFERS + 2 <= RX_BUFFER_BYTES (ptr_at
+                // checks); the device returned this buffer, it writes it no
+                // more until it is posted again.
+                let n = unsafe {
+                    ptr::read_volatile(
+                        self.rx_buffers[first.id as usize].ptr_at::<u16>(HDR_NUM_BUFFERS),
+                    )
+                };
+                u16::from_le(n)
+            }
+            _ => 1,
+        };
+        self.repost(first.id);
+        if num_buffers == 0 {
+            result = Err(RxDrop::BadNumBuffers);
+        }
+        let mut copied = *result.as_ref().unwrap_or(&0);
+        for _ in 1..num_buffers {
+            // The device uses all of a packet's buffers before it publishes
+            // the used index (5.1.6.4.2), so they are there already.
+            let Some(next) = self.pop_rx() else {
+                result = Err(RxDrop::BadNumBuffers);
+                break;
+            };
+            if result.is_ok() {
+                result = self.copy_out(next.id, next.len, copied, frame);
+                copied = *result.as_ref().unwrap_or(&0);
+            }
+            self.repost(next.id);
+        }
+        self.rx.publish();
+        Some(result)
+    }
+
+    /// The next used receive buffer. An id that names no buffer is a device
+    /// bug the driver cannot recover from (as in virtio-blk).
+    fn pop_rx(&mut self) -> Option<super::queue::UsedElem> {
+        let elem = self.rx.pop_used()?;
+        assert!(
+            (elem.id as usize) < self.rx_buffers.len(),
+            "virtio-net: the device returned receive buffer {} (len {}) of {}",
+            elem.id,
+            elem.len,
+            self.rx_buffers.len()
+        );
+        Some(elem)
+    }
+
+    /// Appends the payload of receive buffer `id` (`used_len` bytes written,
+    /// a header first if it is a packet's first buffer, i.e. `at` is 0) to
+    /// `frame[at..]`; the frame's new length.
+    fn copy_out(
+        &mut self,
+        id: u32,
+        used_len: u32,
+        at: usize,
+        frame: &mut [u8],
+    ) -> Result<usize, RxDrop> {
+        let buffer = &mut self.rx_buffers[id as usize];
+        let used = (used_len as usize).min(RX_BUFFER_BYTES);
+        let skip = if at == 0 { NET_HDR_BYTES } else { 0 };
+        if used < skip {
+            return Err(RxDrop::Short);
+        }
+        let payload = used - skip;
+        let end = at.checked_add(payload).ok_or(RxDrop::TooLarge)?;
+        if end > frame.len() {
+            return Err(RxDrop::TooLarge);
+        }
+        // SAFETY: the device returned this buffer through the used ring and
+        // does not write it until repost() puts it on the avail ring again.
+        let bytes = unsafe { buffer.bytes_mut() };
+        frame[at..end].copy_from_slice(&bytes[skip..used]);
+        Ok(end)
+    }
+
+    /// Puts receive buffer `id` (checked by pop_rx) back on the avail ring,
+    /// published by the caller.
+    fn repost(&mut self, id: u32) {
+        self.rx.push_avail(id as u16);
+    }
+
+    /// Largest frame [`send`](Self::send) takes.
+    pub fn tx_frame_max(&self) -> usize {
+        self.tx_buffers
+            .first()
+            .map_or(0, |b| b.len() - NET_HDR_BYTES)
+    }
+
+    /// Returns the transmit buffers the device is done with.
+    fn reap_tx(&mut self) {
+        while let Some(elem) = self.tx.pop_used() {
+            assert!(
+                (elem.id as usize) < self.tx_buffers.len(),
+                "virtio-net: the device returned transmit buffer {} of {}",
+                elem.id,
+                self.tx_buffers.len()
+            );
+            self.tx_free.push(elem.id as u16);
+        }
+    }
+
+    /// Queues `frame` for transmission with a zero header (no offloads) and
+    /// notifies the device if it asked for it. Waits for a free buffer if all
+    /// are in flight; `Ok(false)` if none came free (frame not sent).
+    pub fn send(&mut self, frame: &[u8]) -> Result<bool, NetError> {
+        for _ in 0..TX_FULL_SPINS {
+            if self.try_send(frame)? {
+                return Ok(true);
+            }
+            core::hint::spin_loop();
+        }
+        Ok(false)
+    }
+
+    /// [`send`](Self::send) without waiting: `Ok(false)` when every transmit
+    /// buffer is in flight.
+    pub fn try_send(&mut self, frame: &[u8]) -> Result<bool, NetError> {
+        let max = self.tx_frame_max();
+        if frame.len() > max {
+            return Err(NetError::FrameTooLarge {
+                len: frame.len(),
+                max,
+            });
+        }
+        if self.tx_free.is_empty() {
+            self.reap_tx();
+        }
+        let Some(slot) = self.tx_free.pop() else {
+            return Ok(false);
+        };
+        let buffer = &mut self.tx_buffers[usize::from(slot)];
+        let len = NET_HDR_BYTES + frame.len();
+        // SAFETY: `slot` came back through the used ring (or was never
+        // posted): the device holds no chain pointing into this buffer.
+        let bytes = unsafe { buffer.bytes_mut() };
+        bytes[..NET_HDR_BYTES].fill(0);
+        bytes[NET_HDR_BYTES..len].copy_from_slice(frame);
+        let paddr = buffer.paddr();
+        self.tx.set_descriptor(
+            slot,
+            Descriptor {
+                addr: paddr,
+                len: len as u32,
+                flags: 0,
+                next: 0,
+            },
+        );
+        self.tx.push_avail(slot);
+        self.tx.publish();
+        self.tx_packets += 1;
+        Ok(true)
+    }
+
+    /// Notify writes done on both queues.
+    pub fn notifies(&self) -> u64 {
+        self.rx.notifies + self.tx.notifies
+    }
+
+    /// Queue sizes (receive, transmit).
+    pub fn queue_sizes(&self) -> (u16, u16) {
+        (self.rx.size(), self.tx.size())
+    }
+}
+
+/// Between FEATURES_OK and DRIVER_OK: reads the config and sets up queue
+/// pair 0 with its buffers (the receive buffers pushed, not yet published).
+fn set_up(
+    transport: &VirtioPci,
+    features: u64,
+    tx_frame_bytes: usize,
+) -> Result<QueuePair, NetError> {
+    let config = read_config(transport, features)?;
+    // No interrupts: every queue vector is VIRTIO_MSI_NO_VECTOR.
+    transport.enable_msix(&[]);
+    let event_idx = features & VIRTIO_F_EVENT_IDX != 0;
+    let mut rx = transport.setup_queue(RX_QUEUE, QUEUE_ENTRIES, None, event_idx)?;
+    let tx = transport.setup_queue(TX_QUEUE, QUEUE_ENTRIES, None, event_idx)?;
+    let mut rx_buffers = Vec::with_capacity(usize::from(rx.size()));
+    for i in 0..rx.size() {
+        let buffer = DmaBuf::alloc(RX_BUFFER_BYTES).ok_or(NetError::OutOfMemory("RX buffers"))?;
+        rx.set_descriptor(
+            i,
+            Descriptor {
+                addr: buffer.paddr(),
+                len: RX_BUFFER_BYTES as u32,
+                flags: VIRTQ_DESC_F_WRITE,
+                next: 0,
+            },
+        );
+        rx.push_avail(i);
+        rx_buffers.push(buffer);
+    }
+    let mut tx_buffers = Vec::with_capacity(usize::from(tx.size()));
+    for _ in 0..tx.size() {
+        tx_buffers.push(
+            DmaBuf::alloc(NET_HDR_BYTES + tx_frame_bytes)
+                .ok_or(NetError::OutOfMemory("TX buffers"))?,
+        );
+    }
+    Ok((config, rx, rx_buffers, tx, tx_buffers))
+}
+
+/// The device config, read until config_generation is stable around it.
+fn read_config(transport: &VirtioPci, features: u64) -> Result<NetConfig, NetError> {
+    let cfg = transport.device_cfg().ok_or(NetError::NoDeviceConfig)?;
+    let read16 = |offset: u64, feature: u64| {
+        if features & feature != 0 && cfg.contains(offset, 2) {
+            cfg.read16(offset)
+        } else {
+            0
+        }
+    };
+    for _ in 0..CONFIG_READ_ATTEMPTS {
+        let generation = transport.config_generation();
+        let mut mac = DRIVER_MAC;
+        if features & VIRTIO_NET_F_MAC != 0 && cfg.contains(CFG_MAC, 6) {
+            for (i, byte) in mac.iter_mut().enumerate() {
+                *byte = cfg.read8(CFG_MAC + i as u64);
+            }
+        }
+        let status = if features & VIRTIO_NET_F_STATUS != 0 {
+            read16(CFG_STATUS, VIRTIO_NET_F_STATUS)
+        } else {
+            VIRTIO_NET_S_LINK_UP
+        };
+        let config = NetConfig {
+            mac,
+            status,
+            max_virtqueue_pairs: read16(CFG_MAX_VIRTQUEUE_PAIRS, VIRTIO_NET_F_MQ),
+        };
+        if transport.config_generation() == generation {
+            return Ok(config);
+        }
+    }
+    Err(NetError::UnstableConfig)
+}

@@ -1,0 +1,283 @@
+//! The test guest's virtio-net driver and `job=net-echo` end to end under
+//! QEMU's virtio-net-pci, on a tap in a network namespace of its own (the
+//! host's interfaces are never touched): the host side pings the guest,
+//! echoes UDP datagrams through it and sends it a corrupted frame.
+//!
+//! Needs root (netns, tap), /dev/net/tun and qemu-system-x86_64; skipped
+//! otherwise.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Command;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use ringvm_tests::harness::{self, ExitOutcome};
+
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const TAP: &str = "rvtap0";
+const PINGS: u16 = 3;
+const UDP_SIZES: [usize; 3] = [1, 100, 1472];
+/// The host's replies wait this long for each answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A network namespace, deleted (with the tap in it) on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> io::Result<Netns> {
+        let name = format!("ringvm-test-{}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        let ns = Netns(name);
+        let n = ns.0.as_str();
+        ip(&["-n", n, "tuntap", "add", "dev", TAP, "mode", "tap"])?;
+        ip(&["-n", n, "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
+        ip(&["-n", n, "link", "set", TAP, "up"])?;
+        Ok(ns)
+    }
+
+    /// Moves the calling thread into the namespace.
+    fn enter(&self) -> io::Result<()> {
+        let file = File::open(Path::new("/run/netns").join(&self.0))?;
+        // SAFETY: setns(2) on a namespace file we hold open; it changes only
+        // this thread's network namespace and touches no memory.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "delete", &self.0]);
+    }
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
+/// Forwards the guest's console, and says when net-echo is ready.
+struct ReadySignal {
+    seen: Vec<u8>,
+    ready: Option<mpsc::Sender<()>>,
+}
+
+impl Write for ReadySignal {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.seen.extend_from_slice(buf);
+        if self.ready.is_some() && String::from_utf8_lossy(&self.seen).contains("net-echo ready") {
+            let _ = self.ready.take().expect("checked").send(());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn socket(domain: i32, kind: i32, protocol: i32) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(domain, kind, protocol) };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Pings the guest through a raw ICMP socket; checks every reply.
+fn ping() -> io::Result<()> {
+    // A raw socket read and written as a datagram socket (IPv4 header on
+    // receive only).
+    let sock = UdpSocket::from(socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP)?);
+    sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    let to = SocketAddr::V4(SocketAddrV4::new(GUEST_IP, 0));
+    for seq in 0..PINGS {
+        let mut request = vec![8, 0, 0, 0, 0x12, 0x34];
+        request.extend_from_slice(&seq.to_be_bytes());
+        request.extend((0..56u8).map(|i| i.wrapping_mul(seq as u8 + 7)));
+        let sum = checksum(&request);
+        request[2..4].copy_from_slice(&sum.to_be_bytes());
+        sock.send_to(&request, to)?;
+        let mut buf = [0u8; 2048];
+        loop {
+            let (len, from) = sock.recv_from(&mut buf)?;
+            let header = usize::from(buf[0] & 0xf) * 4;
+            let reply = &buf[header..len];
+            if from != to || reply[0] != 0 {
+                continue; // our own request, looped back to the raw socket
+            }
+            assert_eq!(checksum(reply), 0, "ICMP checksum of the reply");
+            assert_eq!(checksum(&buf[..header]), 0, "IPv4 checksum of the reply");
+            assert_eq!(&reply[4..], &request[4..], "echo reply {seq}");
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Echoes datagrams through the guest's port 7.
+fn udp_echo() -> io::Result<()> {
+    let sock = UdpSocket::bind((HOST_IP, 0))?;
+    sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    for size in UDP_SIZES {
+        let message: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
+        sock.send_to(&message, (GUEST_IP, 7))?;
+        let mut buf = [0u8; 2048];
+        let (len, from) = sock.recv_from(&mut buf)?;
+        assert_eq!(from, SocketAddr::V4(SocketAddrV4::new(GUEST_IP, 7)));
+        assert_eq!(&buf[..len], &message[..], "echo of {size} bytes");
+    }
+    Ok(())
+}
+
+/// Sends the guest an IPv4 frame with a wrong header checksum, through a
+/// packet socket on the tap.
+fn send_corrupted_frame() -> io::Result<()> {
+    let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, 0)?;
+    let name = std::ffi::CString::new(TAP).expect("no NUL");
+    // SAFETY: a NUL-terminated name that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: addr is a sockaddr_ll of the length given, alive for the call.
+    let bound = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if bound == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut frame = GUEST_MAC.to_vec();
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    // IPv4 + UDP to port 7, header checksum left wrong (0).
+    frame.extend_from_slice(&[0x45, 0, 0, 29, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    frame.extend_from_slice(&HOST_IP.octets());
+    frame.extend_from_slice(&GUEST_IP.octets());
+    frame.extend_from_slice(&[0x9c, 0x40, 0, 7, 0, 9, 0, 0, b'x']);
+    File::from(fd).write_all(&frame)
+}
+
+#[test]
+fn net_echo_answers_ping_udp_and_counts_a_corrupted_frame_under_qemu() {
+    let Some(qemu) = harness::qemu_path() else {
+        println!("SKIPPED: qemu-system-x86_64 is not installed");
+        return;
+    };
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        println!("SKIPPED: needs root and /dev/net/tun for a tap in a network namespace");
+        return;
+    }
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIPPED: cannot set up a network namespace with a tap: {e}");
+            return;
+        }
+    };
+    // 1 ARP answer, the pings and the datagrams, then the job ends.
+    let answers = 1 + u64::from(PINGS) + UDP_SIZES.len() as u64;
+    let guest = harness::qemu_guest_command(
+        &qemu,
+        &format!("job=net-echo ip={GUEST_IP}/24 count={answers} time=60 exit=5"),
+    );
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(guest.get_program())
+        .args(guest.get_args())
+        .args(["-m", "128M", "-nodefaults", "-serial", "stdio"])
+        .arg("-netdev")
+        .arg(format!("tap,id=n0,ifname={TAP},script=no,downscript=no"))
+        .args([
+            "-device",
+            "virtio-net-pci,netdev=n0,disable-legacy=on,mac=52:54:00:12:34:56",
+        ]);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let qemu_run = thread::spawn(move || {
+        let mut signal = ReadySignal {
+            seen: Vec::new(),
+            ready: Some(ready_tx),
+        };
+        harness::run_bounded_echo(cmd, Duration::from_secs(90), None, &mut signal)
+    });
+    let host_side = ready_rx.recv_timeout(Duration::from_secs(60)).map(|()| {
+        let ns = &ns;
+        thread::scope(|s| {
+            s.spawn(|| -> io::Result<()> {
+                ns.enter()?;
+                send_corrupted_frame()?;
+                ping()?;
+                udp_echo()
+            })
+            .join()
+        })
+    });
+    let out = qemu_run
+        .join()
+        .expect("qemu thread")
+        .expect("spawning qemu");
+    match host_side {
+        Err(_) => panic!("net-echo did not get ready\n{out}"),
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Ok(Ok(result)) => result.unwrap_or_else(|e| panic!("host side: {e}\n{out}")),
+    }
+    assert_eq!(out.status, ExitOutcome::Exited((5 << 1) | 1), "{out}");
+    assert!(
+        out.stdout
+            .contains("net-echo dropped a malformed frame: bad IPv4 header checksum"),
+        "{out}"
+    );
+    let line = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("testguest: net-echo ok "))
+        .unwrap_or_else(|| panic!("no net-echo ok line\n{out}"));
+    let field = |key: &str| -> u64 {
+        line.split(' ')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}= in {line}"))
+    };
+    assert_eq!(field("arp"), 1, "{line}");
+    assert_eq!(field("icmp"), u64::from(PINGS), "{line}");
+    assert_eq!(field("udp"), UDP_SIZES.len() as u64, "{line}");
+    assert!(field("dropped") >= 1, "{line}");
+    assert!(line.ends_with("mac=52:54:00:12:34:56"), "{line}");
+}
