@@ -3,11 +3,14 @@
 //! never shares a cache line between queues), summed into a
 //! [`CountersSnapshot`] when read: at exit, on SIGUSR1, and by tests.
 //!
-//! The snapshot prints as `name=value` pairs; README.md lists the names.
+//! The snapshot prints as `name=value` pairs (`ringvm-backend`'s
+//! [`CountersSnapshot`]); README.md lists the names.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+
+use ringvm_backend::counters::DaemonCounters;
+pub use ringvm_backend::counters::{add, inc, CountersSnapshot};
 
 use crate::image::qcow2::ImageCounters;
 use crate::request::BadRequestKind;
@@ -60,15 +63,6 @@ impl QueueCounters {
             .expect("ALL lists every kind");
         self.bad[index].fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// Increments a counter; relaxed, as nothing is ordered by counters.
-pub fn inc(counter: &AtomicU64) {
-    add(counter, 1);
-}
-
-pub fn add(counter: &AtomicU64, value: u64) {
-    counter.fetch_add(value, Ordering::Relaxed);
 }
 
 /// The counters of all queues, plus the daemon's own.
@@ -138,38 +132,21 @@ impl Counters {
                 push(name, value);
             }
         }
-        CountersSnapshot { values }
+        CountersSnapshot::new(values)
     }
 }
 
-/// Counter values at one moment, in a fixed order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CountersSnapshot {
-    values: Vec<(&'static str, u64)>,
-}
-
-impl CountersSnapshot {
-    pub fn get(&self, name: &str) -> Option<u64> {
-        self.values
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
+impl DaemonCounters for Counters {
+    fn frontends(&self) -> &AtomicU64 {
+        &self.frontends
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        self.values.iter().copied()
+    fn frontends_refused(&self) -> &AtomicU64 {
+        &self.frontends_refused
     }
-}
 
-impl fmt::Display for CountersSnapshot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (name, value)) in self.values.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" ")?;
-            }
-            write!(f, "{name}={value}")?;
-        }
-        Ok(())
+    fn snapshot(&self) -> CountersSnapshot {
+        Counters::snapshot(self)
     }
 }
 

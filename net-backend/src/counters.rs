@@ -2,11 +2,14 @@
 //! queue pair (written by that pair's worker thread only), summed into a
 //! [`CountersSnapshot`] when read: at exit, on SIGUSR1, and by tests.
 //!
-//! The snapshot prints as `name=value` pairs; README.md lists the names.
+//! The snapshot prints as `name=value` pairs (`ringvm-backend`'s
+//! [`CountersSnapshot`]); README.md lists the names.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use ringvm_backend::counters::DaemonCounters;
+pub use ringvm_backend::counters::{add, inc, CountersSnapshot};
 
 use crate::tx::BadFrame;
 
@@ -39,15 +42,6 @@ pub struct PairCounters {
     /// Call eventfd signals, and batches whose signal EVENT_IDX suppressed.
     pub notifications: AtomicU64,
     pub notifications_suppressed: AtomicU64,
-}
-
-/// Increments a counter; relaxed, as nothing is ordered by counters.
-pub fn inc(counter: &AtomicU64) {
-    add(counter, 1);
-}
-
-pub fn add(counter: &AtomicU64, value: u64) {
-    counter.fetch_add(value, Ordering::Relaxed);
 }
 
 /// The counters of all pairs, plus the daemon's own.
@@ -101,34 +95,21 @@ impl Counters {
             "frontends_refused",
             self.frontends_refused.load(Ordering::Relaxed),
         );
-        CountersSnapshot { values }
+        CountersSnapshot::new(values)
     }
 }
 
-/// Counter values at one moment, in a fixed order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CountersSnapshot {
-    values: Vec<(&'static str, u64)>,
-}
-
-impl CountersSnapshot {
-    pub fn get(&self, name: &str) -> Option<u64> {
-        self.values
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
+impl DaemonCounters for Counters {
+    fn frontends(&self) -> &AtomicU64 {
+        &self.frontends
     }
-}
 
-impl fmt::Display for CountersSnapshot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (name, value)) in self.values.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" ")?;
-            }
-            write!(f, "{name}={value}")?;
-        }
-        Ok(())
+    fn frontends_refused(&self) -> &AtomicU64 {
+        &self.frontends_refused
+    }
+
+    fn snapshot(&self) -> CountersSnapshot {
+        Counters::snapshot(self)
     }
 }
 

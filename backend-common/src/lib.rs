@@ -1,0 +1,15 @@
+//! `ringvm-backend`: what the two vhost-user backends of ringvm (`ringvm-blk`
+//! and `ringvm-net`) share.
+//!
+//! - [`daemon`]: the listening socket, one frontend at a time, signals, and
+//!   the vhost-user-backend workarounds, generic over the device.
+//! - [`signals`]: SIGTERM, SIGINT and SIGUSR1 read from a signalfd.
+//! - [`counters`]: counter increments and the `name=value` snapshot.
+//! - `test_support` (feature `test-support`): the vhost-user test frontend
+//!   the backends' tests drive them with, and the backend process under test.
+
+pub mod counters;
+pub mod daemon;
+pub mod signals;
+#[cfg(feature = "test-support")]
+pub mod test_support;
