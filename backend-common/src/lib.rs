@@ -1,6 +1,7 @@
 //! `ringvm-backend`: what the two vhost-user backends of ringvm (`ringvm-blk`
 //! and `ringvm-net`) share.
 //!
+//! - [`cli`]: the `--socket` and `--queue-size` parsers, the log subscriber.
 //! - [`daemon`]: the listening socket, one frontend at a time, signals, and
 //!   the vhost-user-backend workarounds, generic over the device.
 //! - [`signals`]: SIGTERM, SIGINT and SIGUSR1 read from a signalfd.
@@ -8,6 +9,7 @@
 //! - `test_support` (feature `test-support`): the vhost-user test frontend
 //!   the backends' tests drive them with, and the backend process under test.
 
+pub mod cli;
 pub mod counters;
 pub mod daemon;
 pub mod signals;
