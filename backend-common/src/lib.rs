@@ -6,6 +6,7 @@
 //!   the vhost-user-backend workarounds, generic over the device.
 //! - [`signals`]: SIGTERM, SIGINT and SIGUSR1 read from a signalfd.
 //! - [`counters`]: counter increments and the `name=value` snapshot.
+//! - [`vhost_user`]: what both `VhostUserBackend` impls answer alike.
 //! - `test_support` (feature `test-support`): the vhost-user test frontend
 //!   the backends' tests drive them with, and the backend process under test.
 
@@ -15,3 +16,4 @@ pub mod daemon;
 pub mod signals;
 #[cfg(feature = "test-support")]
 pub mod test_support;
+pub mod vhost_user;
