@@ -15,13 +15,32 @@ pub fn add(counter: &AtomicU64, value: u64) {
     counter.fetch_add(value, Ordering::Relaxed);
 }
 
-/// The counters the daemon loop keeps itself, and the snapshot it logs on
-/// SIGUSR1.
-pub trait DaemonCounters: Sync {
+/// The counters the daemon loop keeps itself. They outlive connections.
+#[derive(Debug, Default)]
+pub struct FrontendCounters {
     /// Frontends served.
-    fn frontends(&self) -> &AtomicU64;
+    pub frontends: AtomicU64,
     /// Frontends refused while one was connected.
-    fn frontends_refused(&self) -> &AtomicU64;
+    pub frontends_refused: AtomicU64,
+}
+
+impl FrontendCounters {
+    /// Their snapshot names and values, in the order they print in.
+    pub fn values(&self) -> [(&'static str, u64); 2] {
+        [
+            ("frontends", self.frontends.load(Ordering::Relaxed)),
+            (
+                "frontends_refused",
+                self.frontends_refused.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+}
+
+/// What the daemon loop needs from a backend's counters: its own, and the
+/// snapshot it logs on SIGUSR1.
+pub trait DaemonCounters: Sync {
+    fn frontend_counters(&self) -> &FrontendCounters;
     fn snapshot(&self) -> CountersSnapshot;
 }
 

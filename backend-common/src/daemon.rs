@@ -299,7 +299,7 @@ where
     daemon
         .start(listener)
         .map_err(|err| DaemonError::Daemon(err.to_string()))?;
-    inc(counters.frontends());
+    inc(&counters.frontend_counters().frontends);
     info!("frontend connected");
     let shutdown = daemon
         .shutdown_handle()
@@ -364,7 +364,7 @@ fn refuse_frontend(listener: &Listener, counters: &dyn DaemonCounters) {
     match listener.accept() {
         Ok(Some(stream)) => {
             drop(stream);
-            inc(counters.frontends_refused());
+            inc(&counters.frontend_counters().frontends_refused);
             warn!("refused a second frontend: one is connected already");
         }
         Ok(None) => {}

@@ -5,7 +5,8 @@
 //! - [`daemon`]: the listening socket, one frontend at a time, signals, and
 //!   the vhost-user-backend workarounds, generic over the device.
 //! - [`signals`]: SIGTERM, SIGINT and SIGUSR1 read from a signalfd.
-//! - [`counters`]: counter increments and the `name=value` snapshot.
+//! - [`counters`]: counter increments, the daemon's own counters, and the
+//!   `name=value` snapshot.
 //! - [`vhost_user`]: what both `VhostUserBackend` impls answer alike.
 //! - `test_support` (feature `test-support`): the vhost-user test frontend
 //!   the backends' tests drive them with, and the backend process under test.

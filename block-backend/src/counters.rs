@@ -9,8 +9,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use ringvm_backend::counters::DaemonCounters;
 pub use ringvm_backend::counters::{add, inc, CountersSnapshot};
+use ringvm_backend::counters::{DaemonCounters, FrontendCounters};
 
 use crate::image::qcow2::ImageCounters;
 use crate::request::BadRequestKind;
@@ -70,8 +70,7 @@ impl QueueCounters {
 pub struct Counters {
     pub queues: Vec<Arc<QueueCounters>>,
     /// Frontends served, and frontends refused while one was connected.
-    pub frontends: AtomicU64,
-    pub frontends_refused: AtomicU64,
+    pub daemon: FrontendCounters,
     /// The image format's own counters (qcow2), printed after the others.
     pub image: OnceLock<Arc<ImageCounters>>,
 }
@@ -122,11 +121,9 @@ impl Counters {
         );
         push("direct_fallbacks", sum(|q| &q.direct_fallbacks));
         push("zero_range_fallbacks", sum(|q| &q.zero_range_fallbacks));
-        push("frontends", self.frontends.load(Ordering::Relaxed));
-        push(
-            "frontends_refused",
-            self.frontends_refused.load(Ordering::Relaxed),
-        );
+        for (name, value) in self.daemon.values() {
+            push(name, value);
+        }
         if let Some(image) = self.image.get() {
             for (name, value) in image.values() {
                 push(name, value);
@@ -137,12 +134,8 @@ impl Counters {
 }
 
 impl DaemonCounters for Counters {
-    fn frontends(&self) -> &AtomicU64 {
-        &self.frontends
-    }
-
-    fn frontends_refused(&self) -> &AtomicU64 {
-        &self.frontends_refused
+    fn frontend_counters(&self) -> &FrontendCounters {
+        &self.daemon
     }
 
     fn snapshot(&self) -> CountersSnapshot {
@@ -162,7 +155,7 @@ mod tests {
         add(&counters.queues[1].bytes_read, 4096);
         counters.queues[0].bad_request(BadRequestKind::ReservedFlags);
         counters.queues[1].bad_request(BadRequestKind::ReservedFlags);
-        inc(&counters.frontends_refused);
+        inc(&counters.daemon.frontends_refused);
         let snapshot = counters.snapshot();
         assert_eq!(snapshot.get("reads"), Some(3));
         assert_eq!(snapshot.get("bytes_read"), Some(4096));

@@ -8,8 +8,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ringvm_backend::counters::DaemonCounters;
 pub use ringvm_backend::counters::{add, inc, CountersSnapshot};
+use ringvm_backend::counters::{DaemonCounters, FrontendCounters};
 
 use crate::tx::BadFrame;
 
@@ -49,8 +49,7 @@ pub struct PairCounters {
 pub struct Counters {
     pub pairs: Vec<Arc<PairCounters>>,
     /// Frontends served, and frontends refused while one was connected.
-    pub frontends: AtomicU64,
-    pub frontends_refused: AtomicU64,
+    pub daemon: FrontendCounters,
 }
 
 impl Counters {
@@ -90,22 +89,16 @@ impl Counters {
             "notifications_suppressed",
             sum(&|p| &p.notifications_suppressed),
         );
-        push("frontends", self.frontends.load(Ordering::Relaxed));
-        push(
-            "frontends_refused",
-            self.frontends_refused.load(Ordering::Relaxed),
-        );
+        for (name, value) in self.daemon.values() {
+            push(name, value);
+        }
         CountersSnapshot::new(values)
     }
 }
 
 impl DaemonCounters for Counters {
-    fn frontends(&self) -> &AtomicU64 {
-        &self.frontends
-    }
-
-    fn frontends_refused(&self) -> &AtomicU64 {
-        &self.frontends_refused
+    fn frontend_counters(&self) -> &FrontendCounters {
+        &self.daemon
     }
 
     fn snapshot(&self) -> CountersSnapshot {
