@@ -33,6 +33,7 @@ use std::mem::size_of;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use ringvm_backend::vhost_user;
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
@@ -44,9 +45,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::counters::Counters;
 use crate::engine::{best_engine, Completer, EngineError};
@@ -339,10 +338,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        vhost_user::protocol_features()
     }
 
     fn reset_device(&self) {
@@ -355,13 +351,8 @@ impl VhostUserBackend for BlkBackend {
     /// The crate sets EVENT_IDX on every vring itself.
     fn set_event_idx(&self, _enabled: bool) {}
 
-    /// Bytes `offset..offset + size` of the config space; beyond the fields
-    /// this device has, zeroes (the reply must be `size` bytes long).
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let start = offset as usize;
-        (start..start + size as usize)
-            .map(|i| self.config.get(i).copied().unwrap_or(0))
-            .collect()
+        vhost_user::config_window(&self.config, offset, size)
     }
 
     /// The workers read guest memory through the same `GuestMemoryAtomic`
@@ -387,7 +378,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        vhost_user::exit_event()
     }
 
     /// GET_VRING_BASE: requests in flight must reach the used ring before

@@ -3,11 +3,14 @@
 //! never shares a cache line between queues), summed into a
 //! [`CountersSnapshot`] when read: at exit, on SIGUSR1, and by tests.
 //!
-//! The snapshot prints as `name=value` pairs; README.md lists the names.
+//! The snapshot prints as `name=value` pairs (`ringvm-backend`'s
+//! [`CountersSnapshot`]); README.md lists the names.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+
+pub use ringvm_backend::counters::{add, inc, CountersSnapshot};
+use ringvm_backend::counters::{DaemonCounters, FrontendCounters};
 
 use crate::image::qcow2::ImageCounters;
 use crate::request::BadRequestKind;
@@ -62,22 +65,12 @@ impl QueueCounters {
     }
 }
 
-/// Increments a counter; relaxed, as nothing is ordered by counters.
-pub fn inc(counter: &AtomicU64) {
-    add(counter, 1);
-}
-
-pub fn add(counter: &AtomicU64, value: u64) {
-    counter.fetch_add(value, Ordering::Relaxed);
-}
-
 /// The counters of all queues, plus the daemon's own.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub queues: Vec<Arc<QueueCounters>>,
     /// Frontends served, and frontends refused while one was connected.
-    pub frontends: AtomicU64,
-    pub frontends_refused: AtomicU64,
+    pub daemon: FrontendCounters,
     /// The image format's own counters (qcow2), printed after the others.
     pub image: OnceLock<Arc<ImageCounters>>,
 }
@@ -128,48 +121,25 @@ impl Counters {
         );
         push("direct_fallbacks", sum(|q| &q.direct_fallbacks));
         push("zero_range_fallbacks", sum(|q| &q.zero_range_fallbacks));
-        push("frontends", self.frontends.load(Ordering::Relaxed));
-        push(
-            "frontends_refused",
-            self.frontends_refused.load(Ordering::Relaxed),
-        );
+        for (name, value) in self.daemon.values() {
+            push(name, value);
+        }
         if let Some(image) = self.image.get() {
             for (name, value) in image.values() {
                 push(name, value);
             }
         }
-        CountersSnapshot { values }
+        CountersSnapshot::new(values)
     }
 }
 
-/// Counter values at one moment, in a fixed order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CountersSnapshot {
-    values: Vec<(&'static str, u64)>,
-}
-
-impl CountersSnapshot {
-    pub fn get(&self, name: &str) -> Option<u64> {
-        self.values
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
+impl DaemonCounters for Counters {
+    fn frontend_counters(&self) -> &FrontendCounters {
+        &self.daemon
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        self.values.iter().copied()
-    }
-}
-
-impl fmt::Display for CountersSnapshot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (name, value)) in self.values.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" ")?;
-            }
-            write!(f, "{name}={value}")?;
-        }
-        Ok(())
+    fn snapshot(&self) -> CountersSnapshot {
+        Counters::snapshot(self)
     }
 }
 
@@ -185,7 +155,7 @@ mod tests {
         add(&counters.queues[1].bytes_read, 4096);
         counters.queues[0].bad_request(BadRequestKind::ReservedFlags);
         counters.queues[1].bad_request(BadRequestKind::ReservedFlags);
-        inc(&counters.frontends_refused);
+        inc(&counters.daemon.frontends_refused);
         let snapshot = counters.snapshot();
         assert_eq!(snapshot.get("reads"), Some(3));
         assert_eq!(snapshot.get("bytes_read"), Some(4096));

@@ -1,116 +1,41 @@
-//! The process around the device: the listening socket, one frontend at a
-//! time, signals, and clean ends.
+//! The process around the device: [`run`] serves the image with the shared
+//! daemon loop of `ringvm-backend` (the listening socket, one frontend at a
+//! time, signals, clean ends, and the vhost-user-backend 0.24 workarounds:
+//! see [`ringvm_backend::daemon`]).
 //!
-//! [`run`] binds the socket and waits for a frontend (or a signal). Each
-//! frontend gets a fresh [`BlkBackend`] and vhost-user daemon; a second
-//! frontend that connects meanwhile is accepted and closed at once. When the
-//! frontend disconnects, [`run`] returns (or, with `--keep-listening`, waits
-//! for the next one). SIGTERM and SIGINT end it the same way: the
-//! connection is shut down, the I/O in flight completes, and [`run`] returns
-//! Ok. SIGUSR1 logs the counters.
+//! Each frontend gets a fresh [`BlkBackend`] and vhost-user daemon; the image
+//! and the counters are shared. When the frontend disconnects, [`run`]
+//! returns (or, with `--keep-listening`, waits for the next one). SIGTERM and
+//! SIGINT end it the same way: the connection is shut down, the I/O in
+//! flight completes, and [`run`] returns Ok. SIGUSR1 logs the counters.
 //!
-//! # What vhost-user-backend 0.24 does not do for us, and the workarounds
-//!
-//! - A `VhostUserDaemon` serves one connection: its handler stays "owned"
-//!   (a second SET_OWNER fails) and its worker threads end with the exit
-//!   event sent after the connection. So each connection gets a new daemon
-//!   and a new backend (new worker threads and rings); the image and the
-//!   counters are shared. Each such daemon leaks one eventfd per worker
-//!   thread: `VringEpollHandler::new` turns our exit-event consumer into a
-//!   raw fd that nothing closes.
-//! - `VhostUserDaemon::wait` blocks until the connection ends, with no way to
-//!   also watch signals or the listener, and there is no shutdown method on
-//!   the daemon itself: a waiter thread owns the daemon and signals an
-//!   eventfd when `wait` returns; the `ShutdownHandle` taken before ends the
-//!   connection on SIGTERM.
-//! - `VhostUserDaemon::start` accepts in a loop that blocks (or spins on a
-//!   non-blocking listener): it is called only once the listener is readable.
+//! What is ringvm-blk's own:
 //! - Worker threads are never joined and the backend hears nothing when they
 //!   stop: before the daemon is dropped, [`BlkBackend::stop`] waits for the
-//!   I/O in flight on every queue, from this thread.
+//!   I/O in flight on every queue.
 //! - The io_uring completion eventfd is a "listener" of the worker's epoll
 //!   (`VringEpollHandler::register_listener`), whose data values must lie
 //!   above the ones the crate reserves; see [`crate::backend::Token`].
-//! - `vhost_user_backend::Error` is not a `std::error::Error`: its message
-//!   is kept as text.
 
-use std::fs;
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread;
 
-use tracing::{error, info, warn};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonLibError, VhostUserDaemon};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use ringvm_backend::counters::DaemonCounters;
+use ringvm_backend::daemon::{self as common, Device, EpollHandlers};
+use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{BackendError, BlkBackend, BlkOptions, Token};
-use crate::counters::{inc, Counters};
+pub use ringvm_backend::daemon::{error_chain, DaemonError};
+
+use crate::backend::{BlkBackend, BlkOptions, Token};
+use crate::counters::Counters;
 use crate::image::ImageFormat;
-use crate::queue::{GuestRam, GuestRamAtomic};
-use crate::signals::SignalFd;
+use crate::queue::GuestRamAtomic;
 
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
     pub socket: PathBuf,
     pub keep_listening: bool,
     pub device: BlkOptions,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error("--socket {path}: exists and is not a unix socket")]
-    NotASocket { path: PathBuf },
-    #[error("--socket {path}: cannot listen")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot set up signal handling")]
-    Signals(#[source] io::Error),
-    #[error("cannot set up the event loop")]
-    EventLoop(#[source] io::Error),
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
-    #[error("the frontend broke the connection: {0}")]
-    Connection(String),
-}
-
-/// The daemon loop's epoll tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Event {
-    /// A frontend is connecting.
-    Listener,
-    /// A signal is pending.
-    Signal,
-    /// The connection's vhost-user thread ended.
-    ConnectionDone,
-}
-
-impl Event {
-    const ALL: [Event; 3] = [Event::Listener, Event::Signal, Event::ConnectionDone];
-
-    fn data(self) -> u64 {
-        self as u64
-    }
-
-    fn from_data(data: u64) -> Option<Event> {
-        Event::ALL.into_iter().find(|e| e.data() == data)
-    }
-}
-
-/// How a connection ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ended {
-    Disconnected,
-    Terminated,
 }
 
 /// Serves `image` on `config.socket` until the frontend disconnects (every
@@ -120,277 +45,65 @@ pub fn run(
     config: &DaemonConfig,
     counters: &Counters,
 ) -> Result<(), DaemonError> {
-    let signals = SignalFd::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1])
-        .map_err(DaemonError::Signals)?;
-    let mut listener = bind(&config.socket)?;
-    let epoll = Epoll::new().map_err(DaemonError::EventLoop)?;
-    watch(&epoll, listener.as_raw_fd(), Event::Listener)?;
-    watch(&epoll, signals.as_raw_fd(), Event::Signal)?;
-    info!(
-        "serving {} image of {} sectors on {}",
-        image.name(),
-        image.capacity_sectors(),
-        config.socket.display()
-    );
-    loop {
-        match wait(&epoll)? {
-            Event::Signal => {
-                if on_signal(&signals, counters) {
-                    return Ok(());
-                }
-            }
-            Event::Listener => {
-                match serve_connection(&image, config, counters, &mut listener, &signals, &epoll) {
-                    Ok(Ended::Terminated) => return Ok(()),
-                    Ok(Ended::Disconnected) if !config.keep_listening => return Ok(()),
-                    Ok(Ended::Disconnected) => info!("waiting for the next frontend"),
-                    Err(err) if config.keep_listening => {
-                        error!("{}; waiting for the next frontend", error_chain(&err));
-                    }
-                    Err(err) => return Err(err),
-                }
-            }
-            Event::ConnectionDone => {}
-        }
-    }
-}
-
-/// The error and its sources, on one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// Listens on `path`, replacing a stale socket file but nothing else.
-fn bind(path: &Path) -> Result<Listener, DaemonError> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            // A socket file left by a backend that did not end cleanly (or
-            // one still serving: like the vhost-user-backend crate, the new
-            // backend takes the path over).
-            fs::remove_file(path).map_err(|source| DaemonError::Bind {
-                path: path.to_owned(),
-                source,
-            })?;
-        }
-        Ok(_) => {
-            return Err(DaemonError::NotASocket {
-                path: path.to_owned(),
-            })
-        }
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(DaemonError::Bind {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    }
-    Listener::new(path, false).map_err(|err| DaemonError::Bind {
-        path: path.to_owned(),
-        source: match err {
-            VhostUserError::SocketError(source) => source,
-            other => io::Error::other(other.to_string()),
-        },
-    })
-}
-
-fn watch(epoll: &Epoll, fd: i32, event: Event) -> Result<(), DaemonError> {
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, event.data()),
-        )
-        .map_err(DaemonError::EventLoop)
-}
-
-fn unwatch(epoll: &Epoll, fd: i32) {
-    let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-}
-
-fn wait(epoll: &Epoll) -> Result<Event, DaemonError> {
-    let mut events = [EpollEvent::default(); 1];
-    loop {
-        match epoll.wait(-1, &mut events) {
-            Ok(1) => {
-                if let Some(event) = Event::from_data(events[0].data()) {
-                    return Ok(event);
-                }
-            }
-            Ok(_) => {}
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(DaemonError::EventLoop(err)),
-        }
-    }
-}
-
-/// Handles the pending signals; true when one of them asks to exit.
-fn on_signal(signals: &SignalFd, counters: &Counters) -> bool {
-    let mut exit = false;
-    loop {
-        match signals.read() {
-            Ok(Some(libc::SIGUSR1)) => info!("counters: {}", counters.snapshot()),
-            Ok(Some(signal)) => {
-                info!("signal {signal}: exiting once the I/O in flight completes");
-                exit = true;
-            }
-            Ok(None) => return exit,
-            Err(err) => {
-                error!("cannot read signals: {err}");
-                return exit;
-            }
-        }
-    }
-}
-
-/// Accepts the frontend that made the listener readable and serves it until
-/// it disconnects or a signal ends the process.
-fn serve_connection(
-    image: &Arc<dyn ImageFormat>,
-    config: &DaemonConfig,
-    counters: &Counters,
-    listener: &mut Listener,
-    signals: &SignalFd,
-    epoll: &Epoll,
-) -> Result<Ended, DaemonError> {
-    let num_queues = usize::from(config.device.num_queues);
-    let mem = GuestRamAtomic::new(GuestRam::new());
-    let backend = Arc::new(BlkBackend::new(
-        Arc::clone(image),
-        &config.device,
-        mem.clone(),
+    let device = BlkDevice {
+        image,
+        config,
         counters,
-    )?);
-    let mut daemon = VhostUserDaemon::new("ringvm-blk".to_string(), Arc::clone(&backend), mem)
-        .map_err(|err| DaemonError::Daemon(err.to_string()))?;
-    let handlers = daemon.get_epoll_handlers();
-    for (queue, handler) in handlers.iter().enumerate() {
-        if let Some(fd) = backend.completion_fd(queue) {
-            handler
-                .register_listener(fd, EventSet::IN, Token::Completion.device_event(num_queues))
-                .map_err(DaemonError::EventLoop)?;
-        }
+    };
+    common::run(&device, &config.socket, config.keep_listening)
+}
+
+/// The image served, and what each connection's backend is made from.
+struct BlkDevice<'a> {
+    image: Arc<dyn ImageFormat>,
+    config: &'a DaemonConfig,
+    counters: &'a Counters,
+}
+
+impl Device for BlkDevice<'_> {
+    type Backend = BlkBackend;
+    const NAME: &'static str = "ringvm-blk";
+
+    fn describe(&self) -> String {
+        format!(
+            "{} image of {} sectors",
+            self.image.name(),
+            self.image.capacity_sectors()
+        )
     }
-    daemon
-        .start(listener)
-        .map_err(|err| DaemonError::Daemon(err.to_string()))?;
-    inc(&counters.frontends);
-    info!("frontend connected");
-    let shutdown = daemon
-        .shutdown_handle()
-        .expect("a started daemon has a connection");
 
-    let done = EventFd::new(EFD_NONBLOCK).map_err(DaemonError::EventLoop)?;
-    let done_signal = done.try_clone().map_err(DaemonError::EventLoop)?;
-    let waiter = thread::Builder::new()
-        .name("ringvm-blk-conn".to_string())
-        .spawn(move || {
-            let result = daemon.wait();
-            let _ = done_signal.write(1);
-            (daemon, result)
-        })
-        .map_err(DaemonError::EventLoop)?;
-    watch(epoll, done.as_raw_fd(), Event::ConnectionDone)?;
+    fn counters(&self) -> &dyn DaemonCounters {
+        self.counters
+    }
 
-    let mut terminated = false;
-    loop {
-        match wait(epoll)? {
-            Event::ConnectionDone => break,
-            Event::Signal => {
-                if on_signal(signals, counters) && !terminated {
-                    terminated = true;
-                    shutdown.shutdown();
-                }
+    fn new_backend(&self, mem: GuestRamAtomic) -> Result<Arc<BlkBackend>, DaemonError> {
+        BlkBackend::new(
+            Arc::clone(&self.image),
+            &self.config.device,
+            mem,
+            self.counters,
+        )
+        .map(Arc::new)
+        .map_err(|err| DaemonError::Backend(Box::new(err)))
+    }
+
+    fn attach(
+        &self,
+        backend: &Arc<BlkBackend>,
+        handlers: &EpollHandlers<BlkBackend>,
+    ) -> Result<(), DaemonError> {
+        let num_queues = usize::from(self.config.device.num_queues);
+        for (queue, handler) in handlers.iter().enumerate() {
+            if let Some(fd) = backend.completion_fd(queue) {
+                handler
+                    .register_listener(fd, EventSet::IN, Token::Completion.device_event(num_queues))
+                    .map_err(DaemonError::EventLoop)?;
             }
-            Event::Listener => refuse_frontend(listener, counters),
         }
-    }
-    unwatch(epoll, done.as_raw_fd());
-    let (daemon, result) = waiter.join().expect("the connection waiter does not panic");
-    for handler in &handlers {
-        handler.send_exit_event();
-    }
-    let drained = backend.stop();
-    drop(daemon);
-    info!("frontend disconnected ({drained} requests were in flight)");
-    match result {
-        Ok(()) => {}
-        Err(DaemonLibError::HandleRequest(
-            VhostUserError::Disconnected
-            | VhostUserError::PartialMessage
-            | VhostUserError::SocketBroken(_),
-        )) => {}
-        Err(_) if terminated => {}
-        Err(err) => return Err(DaemonError::Connection(err.to_string())),
-    }
-    Ok(if terminated {
-        Ended::Terminated
-    } else {
-        Ended::Disconnected
-    })
-}
-
-/// A second frontend while one is served: accepted and closed at once, so
-/// it sees end-of-file rather than waiting in the backlog.
-fn refuse_frontend(listener: &Listener, counters: &Counters) {
-    match listener.accept() {
-        Ok(Some(stream)) => {
-            drop(stream);
-            inc(&counters.frontends_refused);
-            warn!("refused a second frontend: one is connected already");
-        }
-        Ok(None) => {}
-        Err(err) => warn!("cannot accept a frontend: {err}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::net::UnixListener;
-
-    #[test]
-    fn bind_replaces_a_stale_socket_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blk.sock");
-        drop(UnixListener::bind(&path).unwrap());
-        assert!(path.exists(), "a stale socket file");
-        let listener = bind(&path).unwrap();
-        drop(listener);
-        assert!(!path.exists(), "removed when the listener is dropped");
-
-        let file = dir.path().join("disk.img");
-        fs::write(&file, b"precious").unwrap();
-        let Err(err) = bind(&file) else {
-            panic!("bound over a regular file")
-        };
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "--socket {}: exists and is not a unix socket",
-                file.display()
-            )
-        );
-        assert_eq!(fs::read(&file).unwrap(), b"precious");
-
-        let Err(err) = bind(&dir.path().join("missing/blk.sock")) else {
-            panic!("bound in a missing directory")
-        };
-        assert!(err.to_string().contains("cannot listen"), "{err}");
+        Ok(())
     }
 
-    #[test]
-    fn event_tokens_round_trip() {
-        for event in Event::ALL {
-            assert_eq!(Event::from_data(event.data()), Some(event));
-        }
-        assert_eq!(Event::from_data(99), None);
+    fn stop(&self, backend: &BlkBackend) -> Option<usize> {
+        Some(backend.stop())
     }
 }

@@ -1,8 +1,8 @@
 //! `ringvm-blk`: the vhost-user-blk backend of ringvm (see DESIGN.md).
 //!
 //! Module map, from the socket down to the image file:
-//! - [`daemon`]: the listening socket, one connection at a time, signals.
-//! - [`signals`]: SIGTERM, SIGINT and SIGUSR1 read from a signalfd.
+//! - [`daemon`]: the listening socket, one connection at a time, signals
+//!   (the loop itself is shared with ringvm-net: [`ringvm_backend::daemon`]).
 //! - [`backend`]: the `VhostUserBackend` (features, config space, events).
 //! - [`queue`]: one worker per virtqueue: chains in, I/O out, used ring.
 //! - [`request`]: descriptor chain -> [`request::BlkRequest`] (pure).
@@ -17,4 +17,3 @@ pub mod engine;
 pub mod image;
 pub mod queue;
 pub mod request;
-pub mod signals;

@@ -10,13 +10,12 @@
 //! format cannot hold), 1 when the file cannot be written.
 
 use std::fs;
-use std::io::IsTerminal;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringvm_backend::cli::{init_logging, parse_queue_size, parse_socket_path};
 use ringvm_blk::backend::BlkOptions;
 use ringvm_blk::counters::Counters;
 use ringvm_blk::daemon::{self, error_chain, DaemonConfig};
@@ -27,8 +26,6 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 /// Upper bound of `--queues`: one worker thread and io_uring per queue.
 const MAX_QUEUES: u16 = 64;
-/// "The maximum Queue Size value is 32768" (virtio 1.2, 2.7 Split Virtqueues).
-const MAX_QUEUE_SIZE: u16 = 32768;
 /// virtio-blk addresses the disk in 512-byte sectors (virtio 1.2, 5.2.4).
 const SECTOR_BYTES: u64 = 512;
 /// qcow2 cluster sizes are 1 << cluster_bits with cluster_bits in 9..=21
@@ -122,27 +119,11 @@ fn parse_image_path(value: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// A unix socket path must fit in `sockaddr_un.sun_path`.
-fn parse_socket_path(value: &str) -> Result<PathBuf, String> {
-    SocketAddr::from_pathname(value)
-        .map(|_| PathBuf::from(value))
-        .map_err(|err| format!("not usable as a unix socket path: {err}"))
-}
-
 fn parse_queue_count(value: &str) -> Result<u16, String> {
     match value.parse::<u16>() {
         Ok(count) if (1..=MAX_QUEUES).contains(&count) => Ok(count),
         _ => Err(format!(
             "expected a number of queues from 1 to {MAX_QUEUES}"
-        )),
-    }
-}
-
-fn parse_queue_size(value: &str) -> Result<u16, String> {
-    match value.parse::<u16>() {
-        Ok(size) if size.is_power_of_two() && size <= MAX_QUEUE_SIZE => Ok(size),
-        _ => Err(format!(
-            "expected a power of two from 1 to {MAX_QUEUE_SIZE}"
         )),
     }
 }
@@ -209,14 +190,7 @@ fn parse_cluster_size(value: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging();
     match cli.command {
         Some(BlkCommand::Create(args)) => ExitCode::from(create(&args)),
         None => serve(cli.serve),

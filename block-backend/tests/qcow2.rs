@@ -17,7 +17,7 @@ use support::qcow2::{
     map_overlapping, qemu_io, read_u64_be, set_incompatible_bit, write_u64_be, Format, Header,
     Tmpfs, COPIED, CORRUPT_BIT, DIRTY_BIT, OFFSET_MASK,
 };
-use support::{Backend, Desc::R, Desc::W, Guest, DATA, HDR, STATUS};
+use support::{Backend, BlkRequests, Desc::R, Desc::W, Guest, DATA, HDR, STATUS};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };

@@ -9,8 +9,9 @@ use std::mem::offset_of;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use ringvm_backend::test_support::{memfd, QUEUE_SIZE};
 use support::{
-    memfd, patterned, Backend, Desc::R, Desc::W, Guest, DATA, HDR, IMAGE_BYTES, QUEUE_SIZE, STATUS,
+    patterned, Backend, BlkRequests, Desc::R, Desc::W, Guest, DATA, HDR, IMAGE_BYTES, STATUS,
 };
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};

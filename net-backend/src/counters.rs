@@ -2,11 +2,14 @@
 //! queue pair (written by that pair's worker thread only), summed into a
 //! [`CountersSnapshot`] when read: at exit, on SIGUSR1, and by tests.
 //!
-//! The snapshot prints as `name=value` pairs; README.md lists the names.
+//! The snapshot prints as `name=value` pairs (`ringvm-backend`'s
+//! [`CountersSnapshot`]); README.md lists the names.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+pub use ringvm_backend::counters::{add, inc, CountersSnapshot};
+use ringvm_backend::counters::{DaemonCounters, FrontendCounters};
 
 use crate::tx::BadFrame;
 
@@ -41,22 +44,12 @@ pub struct PairCounters {
     pub notifications_suppressed: AtomicU64,
 }
 
-/// Increments a counter; relaxed, as nothing is ordered by counters.
-pub fn inc(counter: &AtomicU64) {
-    add(counter, 1);
-}
-
-pub fn add(counter: &AtomicU64, value: u64) {
-    counter.fetch_add(value, Ordering::Relaxed);
-}
-
 /// The counters of all pairs, plus the daemon's own.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub pairs: Vec<Arc<PairCounters>>,
     /// Frontends served, and frontends refused while one was connected.
-    pub frontends: AtomicU64,
-    pub frontends_refused: AtomicU64,
+    pub daemon: FrontendCounters,
 }
 
 impl Counters {
@@ -96,39 +89,20 @@ impl Counters {
             "notifications_suppressed",
             sum(&|p| &p.notifications_suppressed),
         );
-        push("frontends", self.frontends.load(Ordering::Relaxed));
-        push(
-            "frontends_refused",
-            self.frontends_refused.load(Ordering::Relaxed),
-        );
-        CountersSnapshot { values }
-    }
-}
-
-/// Counter values at one moment, in a fixed order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CountersSnapshot {
-    values: Vec<(&'static str, u64)>,
-}
-
-impl CountersSnapshot {
-    pub fn get(&self, name: &str) -> Option<u64> {
-        self.values
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-    }
-}
-
-impl fmt::Display for CountersSnapshot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (name, value)) in self.values.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" ")?;
-            }
-            write!(f, "{name}={value}")?;
+        for (name, value) in self.daemon.values() {
+            push(name, value);
         }
-        Ok(())
+        CountersSnapshot::new(values)
+    }
+}
+
+impl DaemonCounters for Counters {
+    fn frontend_counters(&self) -> &FrontendCounters {
+        &self.daemon
+    }
+
+    fn snapshot(&self) -> CountersSnapshot {
+        Counters::snapshot(self)
     }
 }
 

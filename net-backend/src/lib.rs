@@ -1,8 +1,8 @@
 //! `ringvm-net`: the vhost-user-net backend of ringvm (see DESIGN.md).
 //!
 //! Module map, from the socket down to the tap:
-//! - [`daemon`]: the listening socket, one connection, signals.
-//! - [`signals`]: SIGTERM, SIGINT and SIGUSR1 read from a signalfd.
+//! - [`daemon`]: the listening socket, one connection, signals (the loop
+//!   itself is shared with ringvm-blk: [`ringvm_backend::daemon`]).
 //! - [`backend`]: the `VhostUserBackend` (features, config space, offloads,
 //!   events).
 //! - [`queue`]: one worker per RX/TX pair: kicks, tap wakeups, used ring.
@@ -16,6 +16,5 @@ pub mod counters;
 pub mod daemon;
 pub mod queue;
 pub mod rx;
-pub mod signals;
 pub mod tap;
 pub mod tx;

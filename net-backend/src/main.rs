@@ -8,13 +8,12 @@
 //! broke the protocol, 2 for command-line errors.
 
 use std::fmt;
-use std::io::IsTerminal;
-use std::os::unix::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
 
 use clap::Parser;
+use ringvm_backend::cli::{init_logging, parse_queue_size, parse_socket_path};
 use ringvm_net::backend::NetOptions;
 use ringvm_net::counters::Counters;
 use ringvm_net::daemon::{self, error_chain, DaemonConfig};
@@ -24,8 +23,6 @@ use tracing::info;
 /// Upper bound of `--queues`: one tap queue (IFF_MULTI_QUEUE) and one worker
 /// per RX/TX pair.
 const MAX_QUEUE_PAIRS: u16 = 64;
-/// "The maximum Queue Size value is 32768" (virtio 1.2, 2.7 Split Virtqueues).
-const MAX_QUEUE_SIZE: u16 = 32768;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,13 +108,6 @@ fn parse_tap_name(value: &str) -> Result<String, String> {
     Ok(value.to_string())
 }
 
-/// A unix socket path must fit in `sockaddr_un.sun_path`.
-fn parse_socket_path(value: &str) -> Result<PathBuf, String> {
-    SocketAddr::from_pathname(value)
-        .map(|_| PathBuf::from(value))
-        .map_err(|err| format!("not usable as a unix socket path: {err}"))
-}
-
 fn parse_queue_pairs(value: &str) -> Result<u16, String> {
     match value.parse::<u16>() {
         Ok(pairs) if (1..=MAX_QUEUE_PAIRS).contains(&pairs) => Ok(pairs),
@@ -127,25 +117,9 @@ fn parse_queue_pairs(value: &str) -> Result<u16, String> {
     }
 }
 
-fn parse_queue_size(value: &str) -> Result<u16, String> {
-    match value.parse::<u16>() {
-        Ok(size) if size.is_power_of_two() && size <= MAX_QUEUE_SIZE => Ok(size),
-        _ => Err(format!(
-            "expected a power of two from 1 to {MAX_QUEUE_SIZE}"
-        )),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging();
     let tap = match open_tap(&cli.tap, cli.queues) {
         Ok(tap) => std::sync::Arc::new(tap),
         Err(err) => {
