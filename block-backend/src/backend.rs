@@ -43,16 +43,13 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::counters::Counters;
 use crate::engine::{best_engine, Completer, EngineError};
 use crate::image::ImageFormat;
-use crate::queue::{
-    engine_files, GuestRam, GuestRamAtomic, QueueSettings, QueueWorker, Vring, ID_BYTES,
-};
+use crate::queue::{engine_files, GuestRamAtomic, QueueSettings, QueueWorker, Vring, ID_BYTES};
 use crate::request::{RequestLimits, SECTOR_BYTES, SECTOR_SHIFT};
 
 /// Largest DISCARD/WRITE_ZEROES segment: 2 GiB. fallocate(2) takes any size
@@ -274,34 +271,6 @@ pub fn queue_settings(capacity_sectors: u64, options: &BlkOptions) -> QueueSetti
     QueueSettings { limits, serial }
 }
 
-/// Every region mapped from a regular file (memfd, tmpfs, hugetlbfs) must
-/// lie within it.
-fn check_memory_files(mem: &GuestRam) -> io::Result<()> {
-    for region in mem.iter() {
-        let Some(file_offset) = region.file_offset() else {
-            continue;
-        };
-        let meta = file_offset.file().metadata()?;
-        if !meta.is_file() {
-            continue;
-        }
-        let end = file_offset.start().checked_add(region.len());
-        if end.is_none_or(|end| end > meta.len()) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "the region at guest address {:#x} maps {} bytes from offset {} of a file of {} bytes",
-                    region.start_addr().0,
-                    region.len(),
-                    file_offset.start(),
-                    meta.len()
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// The config space as the guest reads it (virtio 1.2, 5.2.4; the fields
 /// were stored little-endian).
 fn config_bytes(config: &virtio_blk_config) -> Vec<u8> {
@@ -363,14 +332,7 @@ impl VhostUserBackend for BlkBackend {
     /// SIGBUS at the first access to that part. Such a table is refused and
     /// replaced by no memory at all; the error ends the connection.
     fn update_memory(&self, mem: GuestRamAtomic) -> io::Result<()> {
-        let Err(err) = check_memory_files(&mem.memory()) else {
-            return Ok(());
-        };
-        mem.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .replace(GuestRam::new());
-        warn!("refused the frontend's memory table: {err}");
-        Err(err)
+        vhost_user::check_memory_table(&mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -426,6 +388,7 @@ mod tests {
     use crate::queue::GuestRam;
     use std::mem::offset_of;
     use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+    use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
     fn new_backend(options: &BlkOptions) -> (tempfile::NamedTempFile, BlkBackend) {
         let tmp = tempfile::NamedTempFile::new().unwrap();

@@ -221,8 +221,10 @@ impl VhostUserBackend for NetBackend {
         vhost_user::config_window(&self.config, offset, size)
     }
 
-    fn update_memory(&self, _mem: GuestRamAtomic) -> io::Result<()> {
-        Ok(())
+    /// A region past the end of its file would kill the backend with
+    /// SIGBUS at the first frame: refused.
+    fn update_memory(&self, mem: GuestRamAtomic) -> io::Result<()> {
+        vhost_user::check_memory_table(&mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
