@@ -156,6 +156,26 @@ pub trait ImageFormat: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The extent of a format whose file offsets are the guest's (raw, and the
+/// virtual disk a qcow2 image's queues see), checked against the capacity.
+pub fn identity_map(
+    capacity_sectors: u64,
+    offset: u64,
+    len_bytes: u64,
+    extents: &mut Vec<Extent>,
+) -> Result<(), ImageError> {
+    let end = offset
+        .checked_add(len_bytes)
+        .filter(|end| *end <= capacity_sectors << crate::request::SECTOR_SHIFT)
+        .ok_or(ImageError::OutOfRange { offset, len_bytes })?;
+    extents.push(Extent::Data {
+        file: 0,
+        offset,
+        len_bytes: end - offset,
+    });
+    Ok(())
+}
+
 /// The image formats of `--format`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {

@@ -10,7 +10,9 @@ use std::path::Path;
 
 use tracing::{info, warn};
 
-use super::{Access, DioAlignment, Extent, HostFile, ImageError, ImageFormat, OpenOptions};
+use super::{
+    identity_map, Access, DioAlignment, Extent, HostFile, ImageError, ImageFormat, OpenOptions,
+};
 use crate::request::{SECTOR_BYTES, SECTOR_SHIFT};
 
 /// O_DIRECT alignment assumed when the kernel does not report it (statx
@@ -145,16 +147,7 @@ impl ImageFormat for RawImage {
         len_bytes: u64,
         extents: &mut Vec<Extent>,
     ) -> Result<(), ImageError> {
-        let end = offset
-            .checked_add(len_bytes)
-            .filter(|end| *end <= self.capacity_sectors << SECTOR_SHIFT)
-            .ok_or(ImageError::OutOfRange { offset, len_bytes })?;
-        extents.push(Extent::Data {
-            file: 0,
-            offset,
-            len_bytes: end - offset,
-        });
-        Ok(())
+        identity_map(self.capacity_sectors, offset, len_bytes, extents)
     }
 
     fn discard_granularity_bytes(&self) -> u64 {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::{Access, Extent, HostFile, ImageError, ImageFormat, OpenOptions};
+use super::{identity_map, Access, Extent, HostFile, ImageError, ImageFormat, OpenOptions};
 use crate::engine::{Engine, EngineError};
 use crate::request::SECTOR_SHIFT;
 
@@ -171,16 +171,7 @@ impl ImageFormat for Qcow2Image {
         len_bytes: u64,
         extents: &mut Vec<Extent>,
     ) -> Result<(), ImageError> {
-        let end = offset
-            .checked_add(len_bytes)
-            .filter(|end| *end <= self.capacity_sectors << SECTOR_SHIFT)
-            .ok_or(ImageError::OutOfRange { offset, len_bytes })?;
-        extents.push(Extent::Data {
-            file: 0,
-            offset,
-            len_bytes: end - offset,
-        });
-        Ok(())
+        identity_map(self.capacity_sectors, offset, len_bytes, extents)
     }
 
     fn discard_granularity_bytes(&self) -> u64 {
