@@ -25,13 +25,13 @@ pub fn parse_queue_size(value: &str) -> Result<u16, String> {
     }
 }
 
-/// Installs the tracing subscriber: a RUST_LOG-style filter (default
-/// `info`), to stderr, with colours only on a terminal.
-pub fn init_logging() {
+/// Installs the tracing subscriber: RUST_LOG's filter, else
+/// `default_filter`, to stderr, with colours only on a terminal.
+pub fn init_logging(default_filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -190,7 +190,8 @@ fn parse_cluster_size(value: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // qcow2-rs logs its cache activity at info: only its warnings.
+    init_logging("info,qcow2_rs=warn");
     match cli.command {
         Some(BlkCommand::Create(args)) => ExitCode::from(create(&args)),
         None => serve(cli.serve),

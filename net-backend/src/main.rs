@@ -119,7 +119,7 @@ fn parse_queue_pairs(value: &str) -> Result<u16, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging("info");
     let tap = match open_tap(&cli.tap, cli.queues) {
         Ok(tap) => std::sync::Arc::new(tap),
         Err(err) => {
