@@ -18,7 +18,10 @@
 //!
 //! The used-entry and guest-memory checks are skipped for a request whose
 //! writable buffers overlap the descriptor table or the available ring: its
-//! own data may then have made more chains available.
+//! own data may then have made more chains available. Such a request also
+//! ends the input: the device may have rewritten the available index, and a
+//! ring whose index runs more than a queue ahead is refused as a whole (so
+//! later requests would rightly get no used entry).
 //!
 //! Input: a flags byte (bit 0: read-only disk, bit 1: EVENT_IDX), then up
 //! to [`MAX_REQUESTS`] requests, each: a type byte (0-5: IN, OUT, FLUSH,
@@ -272,7 +275,9 @@ fn expect(ram: &GuestRam, chain: &[(u64, u32, bool)], readonly: bool) -> Expecte
     expected
 }
 
-fn serve(q: &mut BlkQueue, input: &mut Bytes<'_>, slot: usize, readonly: bool) {
+/// Serves one request from `input` and checks it; false when the request
+/// rewrote the rings (nothing after it can be checked).
+fn serve(q: &mut BlkQueue, input: &mut Bytes<'_>, slot: usize, readonly: bool) -> bool {
     let ram = q.ram();
     // The header and its segments, written where the chain usually starts.
     let type_sel = input.u8();
@@ -391,7 +396,7 @@ fn serve(q: &mut BlkQueue, input: &mut Bytes<'_>, slot: usize, readonly: bool) {
         );
     }
     if self_modifying {
-        return;
+        return false;
     }
 
     // Guest memory: only the writable buffers and the used ring change.
@@ -424,7 +429,7 @@ fn serve(q: &mut BlkQueue, input: &mut Bytes<'_>, slot: usize, readonly: bool) {
 
     // The status, and what an OK request did.
     let Some(status_addr) = status_addr.filter(|a| !used_ring.contains(a)) else {
-        return;
+        return true;
     };
     let status: u8 = ram.read_obj(GuestAddress(status_addr)).unwrap();
     assert!(
@@ -432,7 +437,7 @@ fn serve(q: &mut BlkQueue, input: &mut Bytes<'_>, slot: usize, readonly: bool) {
         "status byte {status}"
     );
     if u32::from(status) != VIRTIO_BLK_S_OK {
-        return;
+        return true;
     }
     // The bytes the device wrote, when no buffer overwrote another.
     let data_writable: Vec<_> = chain.iter().filter(|d| d.2).copied().collect();
@@ -484,6 +489,7 @@ fn serve(q: &mut BlkQueue, input: &mut Bytes<'_>, slot: usize, readonly: bool) {
         }
         _ => {}
     }
+    true
 }
 
 fn data_pattern() -> &'static [u8] {
@@ -514,6 +520,8 @@ fuzz_target!(|data: &[u8]| {
         if input.is_empty() {
             break;
         }
-        serve(&mut q, &mut input, slot, readonly);
+        if !serve(&mut q, &mut input, slot, readonly) {
+            break;
+        }
     }
 });
