@@ -49,6 +49,55 @@ pub fn binary(name: &str) -> PathBuf {
     try_binary(name).unwrap_or_else(|err| panic!("{err}"))
 }
 
+/// Boots the test guest's `job=echo` (up until it reads a line) with
+/// `device_args` (`--disk ...` or `--net ...`), calls `kill_backend` once
+/// the guest is up, and checks that ringvm survives it: the guest still
+/// echoes, and ringvm then exits 0. Returns ringvm's stderr.
+pub fn vm_survives_backend_death(device_args: &[&str], kill_backend: impl FnOnce()) -> String {
+    use std::io::BufRead;
+    let mut vm = Command::new(binary("ringvm"))
+        .args([
+            "--kernel",
+            crate::guest::GUEST_ELF_PATH,
+            "--cmdline",
+            "job=echo",
+        ])
+        .args(device_args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning ringvm");
+    let mut stdout = io::BufReader::new(vm.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("the guest's first line");
+    assert_eq!(line.trim_end(), "testguest: echo ready");
+    kill_backend();
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        vm.try_wait().expect("polling ringvm").is_none(),
+        "ringvm must survive its backend"
+    );
+    vm.stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(b"still here\n")
+        .expect("writing to the guest");
+    line.clear();
+    stdout.read_line(&mut line).expect("the guest's echo");
+    assert_eq!(line.trim_end(), "testguest: echo still here");
+    let status = vm.wait().expect("waiting for ringvm");
+    let mut stderr = String::new();
+    vm.stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr)
+        .expect("ringvm's stderr");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    stderr
+}
+
 /// [`binary`] as an error of kind `NotFound` rather than a panic, for
 /// `ringvm-bench`.
 pub fn try_binary(name: &str) -> io::Result<PathBuf> {

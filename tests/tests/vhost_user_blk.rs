@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use ringvm_tests::blk_pattern::{check_image, parse_verify_ok};
 use ringvm_tests::guest::GUEST_ELF_PATH;
-use ringvm_tests::harness::{binary, find_on_path, run_bounded, wait_for_path, RunOutput};
+use ringvm_tests::harness::{
+    binary, find_on_path, run_bounded, vm_survives_backend_death, wait_for_path, RunOutput,
+};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 const SOCKET_WAIT: Duration = Duration::from_secs(20);
@@ -473,50 +475,16 @@ fn peer_that_is_not_vhost_user_is_refused() {
 
 #[test]
 fn backend_death_leaves_the_vm_running() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), 1 << 20);
     let Some(mut qsd) = Qsd::start(&img, &dir.path().join("qsd.sock"), 1) else {
         return;
     };
-    // job=echo keeps the guest up until it reads a line.
-    let mut vm = Command::new(binary("ringvm"))
-        .args([
-            "--kernel",
-            GUEST_ELF_PATH,
-            "--cmdline",
-            "job=echo",
-            "--disk",
-            &qsd.disk_arg(""),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(vm.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim_end(), "testguest: echo ready");
-    qsd.child.kill().unwrap();
-    qsd.child.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        vm.try_wait().unwrap().is_none(),
-        "ringvm must survive its backend"
-    );
-    vm.stdin.take().unwrap().write_all(b"still here\n").unwrap();
-    line.clear();
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim_end(), "testguest: echo still here");
-    let status = vm.wait().unwrap();
-    let mut stderr = String::new();
-    vm.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let disk_arg = qsd.disk_arg("");
+    let stderr = vm_survives_backend_death(&["--disk", &disk_arg], || {
+        qsd.child.kill().unwrap();
+        qsd.child.wait().unwrap();
+    });
     assert!(
         stderr.contains("backend disconnected"),
         "the loss is logged: {stderr}"

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ringvm_tests::guest::GUEST_ELF_PATH;
-use ringvm_tests::harness::{binary, run_bounded, RunOutput};
+use ringvm_tests::harness::{binary, run_bounded, vm_survives_backend_death, RunOutput};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 const SOCKET_WAIT: Duration = Duration::from_secs(20);
@@ -271,46 +271,17 @@ fn ringvm_net_on_a_tap_serves_the_device_while_the_guest_runs() {
 
 #[test]
 fn ringvm_net_death_leaves_the_vm_running() {
-    use std::io::BufRead;
     let Some(ns) = Netns::new() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
     let mut net = start_ringvm_net(&ns, &sock);
-    // job=echo keeps the guest up until it reads a line.
-    let mut vm = Command::new(binary("ringvm"))
-        .args(["--kernel", GUEST_ELF_PATH, "--cmdline", "job=echo", "--net"])
-        .arg(format!("socket={}", sock.display()))
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(vm.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim_end(), "testguest: echo ready");
-    net.kill().unwrap();
-    net.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        vm.try_wait().unwrap().is_none(),
-        "ringvm must survive its backend"
-    );
-    vm.stdin.take().unwrap().write_all(b"still here\n").unwrap();
-    line.clear();
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim_end(), "testguest: echo still here");
-    let status = vm.wait().unwrap();
-    let mut stderr = String::new();
-    vm.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let net_arg = format!("socket={}", sock.display());
+    let stderr = vm_survives_backend_death(&["--net", &net_arg], || {
+        net.kill().unwrap();
+        net.wait().unwrap();
+    });
     assert!(
         stderr.contains("backend disconnected") && stderr.contains("net0"),
         "the loss is logged, naming the device: {stderr}"
