@@ -185,14 +185,11 @@ fn build_dev(core: &Rc<IoCore>, chain: &[ChainImage], readonly: bool) -> Result<
     let mut below: Option<Dev> = None;
     for (slot, image) in chain.iter().enumerate().rev() {
         let is_backing = slot > 0;
+        // Zeroes past the end of a shorter file, as qcow2-rs's own opening
+        // reads its header.
         let mut buf = vec![0u8; HEADER_READ_BYTES];
-        let len = read_prefix(&image.file, &mut buf)
+        read_prefix(&image.file, &mut buf)
             .map_err(|err| format!("{}: cannot read the header: {err}", image.path.display()))?;
-        buf.truncate(len.max(BLOCK_BYTES));
-        buf.resize(
-            HEADER_READ_BYTES.min(buf.len().next_multiple_of(BLOCK_BYTES)),
-            0,
-        );
         // Our own parser validated this header (meta::read_layout): qcow2-rs
         // only sees headers it can parse without panicking.
         let header = Qcow2Header::from_buf(&buf)
