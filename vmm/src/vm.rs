@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,8 @@ use crate::devices::serial::{PanicWatch, SerialConsole, SerialOut};
 use crate::devices::virtio::pci::{VirtioPciDevice, VirtioPciError, BAR_SIZE};
 use crate::devices::virtio::vhost_user::blk::{self, DiskConfig};
 use crate::devices::virtio::vhost_user::net::{self, NetConfig};
-use crate::devices::virtio::vhost_user::{VhostUserDevice, VhostUserError};
+use crate::devices::virtio::vhost_user::VhostUserError;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{BusError, ExitReason, ExitSignal, PioBus};
 use crate::event_loop::BackendWatch;
 use crate::event_loop::{
@@ -353,11 +355,15 @@ fn attach_devices(
     };
     for (index, disk) in disks.iter().enumerate() {
         let frontend = blk::connect(disk, ram).map_err(|source| VmError::Disk { index, source })?;
-        slots.add(format!("disk{index}"), frontend, PCI_CLASS_STORAGE)?;
+        let (socket, fd) = (frontend.socket().to_owned(), frontend.raw_fd());
+        let name = format!("disk{index} ({})", socket.display());
+        slots.add(name, Box::new(frontend), fd, PCI_CLASS_STORAGE)?;
     }
     for (index, net) in nets.iter().enumerate() {
         let frontend = net::connect(net, ram).map_err(|source| VmError::Net { index, source })?;
-        slots.add(format!("net{index}"), frontend, PCI_CLASS_NETWORK)?;
+        let (socket, fd) = (frontend.socket().to_owned(), frontend.raw_fd());
+        let name = format!("net{index} ({})", socket.display());
+        slots.add(name, Box::new(frontend), fd, PCI_CLASS_NETWORK)?;
     }
     Ok((slots.pci, slots.watches))
 }
@@ -371,25 +377,24 @@ struct DeviceSlots<'a> {
 }
 
 impl DeviceSlots<'_> {
-    /// Puts `device` behind a virtio-pci function named `id` and its
-    /// socket; the event loop watches the socket.
-    fn add(&mut self, id: String, device: VhostUserDevice, class: (u8, u8)) -> Result<(), VmError> {
-        let name = format!("{id} ({})", device.socket().display());
-        let fd = device.raw_fd();
+    /// Puts `device` behind a virtio-pci function named `name`; the event
+    /// loop watches its backend socket `fd`.
+    fn add(
+        &mut self,
+        name: String,
+        device: Box<dyn VirtioDevice>,
+        fd: RawFd,
+        class: (u8, u8),
+    ) -> Result<(), VmError> {
         if self.next_bar + BAR_SIZE > IOAPIC_START.0 {
             return Err(VmError::MmioHoleFull(name));
         }
-        let dev = VirtioPciDevice::new(
-            name.clone(),
-            Box::new(device),
-            self.kvm.clone(),
-            self.next_bar,
-            class,
-        )
-        .map_err(|source| VmError::VirtioPci {
-            name: name.clone(),
-            source,
-        })?;
+        let dev =
+            VirtioPciDevice::new(name.clone(), device, self.kvm.clone(), self.next_bar, class)
+                .map_err(|source| VmError::VirtioPci {
+                    name: name.clone(),
+                    source,
+                })?;
         self.next_bar += BAR_SIZE;
         let dev = Arc::new(Mutex::new(dev));
         self.pci

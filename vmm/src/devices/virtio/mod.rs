@@ -21,6 +21,7 @@ pub struct QueueConfig {
 
 /// A started queue: where it is, which eventfd the guest kicks and which
 /// one the backend signals.
+#[derive(Clone, Copy)]
 pub struct ActiveQueue<'a> {
     pub index: usize,
     pub config: QueueConfig,
@@ -32,6 +33,14 @@ pub struct ActiveQueue<'a> {
 pub enum ActivateError {
     #[error("queue {index}: its rings are not inside guest RAM")]
     RingOutsideMemory { index: usize },
+    #[error("queue {index}: its rings are not aligned as virtio 1.2 2.7 requires")]
+    RingMisaligned { index: usize },
+    #[error("setting up the control queue (queue {index}) failed")]
+    ControlQueue {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the backend refused the device setup")]
     Backend(#[source] vhost::Error),
     #[error("the backend is gone")]

@@ -2,12 +2,16 @@
 //! backend's socket, the handshake (owner, features, protocol features),
 //! the memory table (the guest RAM memfd), and starting and stopping rings.
 //!
-//! Every message is sent from the thread that runs the device model (a vCPU
-//! thread on DRIVER_OK or reset), on a socket with a timeout, so a backend
-//! that hangs cannot hang the guest forever.
+//! Messages are sent from the thread that runs the device model (a vCPU
+//! thread on DRIVER_OK or reset) and, for virtio-net, from its control-queue
+//! thread (SET_VRING_ENABLE, net_ctrl.rs). Both use clones of one
+//! [`Frontend`], which holds the socket behind a mutex for a whole request
+//! and its reply, so two threads never interleave on the socket. The socket
+//! has a timeout, so a backend that hangs cannot hang the guest forever.
 
 pub mod blk;
 pub mod net;
+pub mod net_ctrl;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -198,6 +202,17 @@ impl VhostUserConnection {
         Ok(payload)
     }
 
+    /// A handle on the same connection, for another thread (requests from
+    /// all clones are serialized on the one socket).
+    pub fn frontend(&self) -> Frontend {
+        self.frontend.clone()
+    }
+
+    /// Guest RAM as the backend was given it.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
     /// Our address of `len` bytes of guest RAM at `addr`, if it is all RAM.
     fn host_address(&self, addr: GuestAddress, len: usize) -> Option<u64> {
         if !self.memory.check_range(addr, len) {
@@ -206,11 +221,13 @@ impl VhostUserConnection {
         self.memory.get_host_address(addr).ok().map(|p| p as u64)
     }
 
-    /// Hands the rings to the backend: sizes, addresses, bases, eventfds.
+    /// Hands the rings to the backend: sizes, addresses, bases, eventfds,
+    /// then SET_VRING_ENABLE with `enable(queue index)`.
     pub fn start(
         &mut self,
         features: u64,
         queues: &[ActiveQueue<'_>],
+        enable: impl Fn(usize) -> bool,
     ) -> Result<(), ActivateError> {
         // The backend only hears of the features it offered: a frontend
         // may show the guest more (virtio-net's MAC, from ringvm).
@@ -239,7 +256,7 @@ impl VhostUserConnection {
                 .and_then(|()| f.set_vring_base(q.index, 0))
                 .and_then(|()| f.set_vring_call(q.index, q.call))
                 .and_then(|()| f.set_vring_kick(q.index, q.kick))
-                .and_then(|()| f.set_vring_enable(q.index, true))
+                .and_then(|()| f.set_vring_enable(q.index, enable(q.index)))
                 .map_err(ActivateError::Backend)?;
             self.started.push(q.index);
         }
@@ -323,7 +340,13 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), ActivateError> {
-        self.conn.start(features, queues)
+        let started = self.conn.start(features, queues, |_| true);
+        if started.is_err() {
+            // The transport does not reset a device that failed to start:
+            // stop the rings that did start.
+            self.conn.stop();
+        }
+        started
     }
 
     fn reset(&mut self) {
