@@ -1,8 +1,9 @@
 //! ringvm as a vhost-user-net frontend (`--net`): the errors a user meets
 //! (no socket, a peer that is not a vhost-user backend, a backend with too
-//! few queues, more queue pairs than ringvm gives), and ringvm + ringvm-net
-//! on a tap inside a network namespace the test makes, which shows the
-//! device set up with the backend while the test guest runs.
+//! few queues, more queue pairs than ringvm or the backend serves), and
+//! ringvm + ringvm-net on a tap inside a network namespace the test makes,
+//! which shows the device set up with the backend while the test guest runs,
+//! with one queue pair or two.
 //!
 //! The tap test needs root and /dev/net/tun, as net-backend's tests do; it
 //! never touches the host's interfaces.
@@ -90,8 +91,32 @@ fn peer_that_is_not_vhost_user_is_refused() {
 
 #[test]
 fn more_queue_pairs_than_ringvm_gives_are_refused() {
-    let out = hello_with_net("socket=/tmp/ringvm-net-test.sock,num_queues=2");
-    assert_refused(&out, "/tmp/ringvm-net-test.sock", "VIRTIO_NET_F_CTRL_VQ");
+    let out = hello_with_net("socket=/tmp/ringvm-net-test.sock,num_queues=33");
+    assert_refused(
+        &out,
+        "/tmp/ringvm-net-test.sock",
+        "num_queues=33: use a number from 1 to 32",
+    );
+}
+
+/// ringvm-net --queues 2: `num_queues=3` is refused naming the socket and
+/// what the backend serves.
+#[test]
+fn more_queue_pairs_than_the_backend_serves_are_refused() {
+    let Some(ns) = Netns::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let mut net = start_ringvm_net(&ns, &sock, 2);
+    let out = hello_with_net(&format!("socket={},num_queues=3", sock.display()));
+    let _ = net.kill();
+    let _ = net.wait();
+    assert_refused(
+        &out,
+        sock.to_str().unwrap(),
+        "--net asks for num_queues=3 queue pairs, but the backend serves 2",
+    );
 }
 
 #[test]
@@ -189,20 +214,15 @@ impl Drop for Netns {
     }
 }
 
-/// ringvm-net on the namespace's tap0, its log (RUST_LOG=info) on a pipe.
-fn start_ringvm_net(ns: &Netns, sock: &Path) -> Child {
+/// ringvm-net on the namespace's tap0 with `queues` pairs, its log
+/// (RUST_LOG=info) on a pipe.
+fn start_ringvm_net(ns: &Netns, sock: &Path, queues: u16) -> Child {
     // `ip netns exec` execs ringvm-net: the child's pid is ringvm-net's.
     let mut net = Command::new("ip")
         .args(["netns", "exec", &ns.name])
         .arg(binary("ringvm-net"))
-        .args([
-            "--tap",
-            "tap0",
-            "--queues",
-            "1",
-            "--mac",
-            "52:54:00:12:34:56",
-        ])
+        .args(["--tap", "tap0", "--queues", &queues.to_string()])
+        .args(["--mac", "52:54:00:12:34:56"])
         .arg("--socket")
         .arg(sock)
         .env("RUST_LOG", "info")
@@ -218,12 +238,23 @@ fn start_ringvm_net(ns: &Netns, sock: &Path) -> Child {
 
 #[test]
 fn ringvm_net_on_a_tap_serves_the_device_while_the_guest_runs() {
+    guest_runs_with_ringvm_net(1);
+}
+
+/// `num_queues=2` with ringvm-net --queues 2: accepted, the guest runs (the
+/// test guest drives pair 0 and leaves the control queue alone).
+#[test]
+fn two_queue_pairs_are_accepted_when_ringvm_net_serves_them() {
+    guest_runs_with_ringvm_net(2);
+}
+
+fn guest_runs_with_ringvm_net(pairs: u16) {
     let Some(ns) = Netns::new() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
-    let mut net = start_ringvm_net(&ns, &sock);
+    let mut net = start_ringvm_net(&ns, &sock, pairs);
 
     let mut cmd = Command::new(binary("ringvm"));
     cmd.args([
@@ -232,7 +263,7 @@ fn ringvm_net_on_a_tap_serves_the_device_while_the_guest_runs() {
         "--cmdline",
         "job=hello",
         "--net",
-        &format!("socket={}", sock.display()),
+        &format!("socket={},num_queues={pairs}", sock.display()),
     ])
     .env("RUST_LOG", "info")
     .env("NO_COLOR", "1");
@@ -263,6 +294,10 @@ fn ringvm_net_on_a_tap_serves_the_device_while_the_guest_runs() {
         out.stderr.contains("mac=52:54:00:12:34:56"),
         "the backend's MAC is the guest's\n{out}"
     );
+    assert!(
+        out.stderr.contains(&format!("pairs={pairs}")),
+        "ringvm logs the pairs it gives\n{out}"
+    );
     assert_eq!(status.code(), Some(0), "ringvm-net:\n{net_log}");
     assert!(net_log.contains("frontend connected"), "{net_log}");
     assert!(net_log.contains("frontend disconnected"), "{net_log}");
@@ -276,7 +311,7 @@ fn ringvm_net_death_leaves_the_vm_running() {
     };
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
-    let mut net = start_ringvm_net(&ns, &sock);
+    let mut net = start_ringvm_net(&ns, &sock, 1);
     let net_arg = format!("socket={}", sock.display());
     let stderr = vm_survives_backend_death(&["--net", &net_arg], || {
         net.kill().unwrap();

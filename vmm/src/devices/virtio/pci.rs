@@ -26,16 +26,16 @@ use crate::kvm::{KvmError, KvmVm};
 /// The BAR everything lives in, and its layout.
 pub const BAR_INDEX: usize = 0;
 pub const BAR_SIZE: u64 = 0x8000;
-const COMMON_OFFSET: u64 = 0x0000;
+pub const COMMON_OFFSET: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x40;
 const ISR_OFFSET: u64 = 0x1000;
 const ISR_LEN: u64 = 4;
-const DEVICE_OFFSET: u64 = 0x2000;
+pub const DEVICE_OFFSET: u64 = 0x2000;
 const DEVICE_LEN: u64 = 0x1000;
-const NOTIFY_OFFSET: u64 = 0x3000;
+pub const NOTIFY_OFFSET: u64 = 0x3000;
 const NOTIFY_LEN: u64 = 0x1000;
 /// Bytes between two queues' notification addresses.
-const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 const MSIX_TABLE_OFFSET: u64 = 0x4000;
 const MSIX_PBA_OFFSET: u64 = 0x6000;
 /// The table must end before the PBA.
@@ -56,7 +56,7 @@ const VIRTIO_PCI_MODERN_DEVICE_BASE: u16 = 0x1040;
 const ISR_CONFIG_CHANGED: u8 = 0x2;
 
 /// Common configuration register offsets (virtio 1.2, 4.1.4.3).
-mod common {
+pub mod common {
     pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
     pub const DEVICE_FEATURE: u64 = 0x04;
     pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
