@@ -219,14 +219,17 @@ impl VhostUserNetDevice {
             .filter(|q| q.index < layout.data_queues)
             .copied()
             .collect();
-        for q in queues {
-            if q.index >= layout.data_queues && Some(q.index) != layout.control {
-                tracing::warn!(
-                    socket = %self.socket().display(),
-                    queue = q.index,
-                    "the driver set up a queue that its features do not include; it is not served"
-                );
-            }
+        let unserved: Vec<usize> = queues
+            .iter()
+            .map(|q| q.index)
+            .filter(|i| *i >= layout.data_queues && Some(*i) != layout.control)
+            .collect();
+        if !unserved.is_empty() {
+            tracing::warn!(
+                socket = %self.socket().display(),
+                queues = ?unserved,
+                "the driver set up queues that its features do not include; they are not served"
+            );
         }
         // Everything the control queue needs is checked and made before the
         // backend starts, so that only spawning the thread can fail after.
