@@ -659,6 +659,119 @@ fn a_protocol_error_ends_the_process_with_status_1() {
     );
 }
 
+/// One vhost-user message, written raw: the vhost crate's frontend refuses
+/// to send SET_VRING_ENABLE before SET_FEATURES, which QEMU does.
+fn raw_request(
+    sock: &mut std::os::unix::net::UnixStream,
+    request: u32,
+    need_reply: bool,
+    body: &[u8],
+) {
+    use std::io::Write;
+    let flags: u32 = 0x1 | if need_reply { 0x8 } else { 0 };
+    let mut msg = Vec::new();
+    for word in [request, flags, body.len() as u32] {
+        msg.extend_from_slice(&word.to_le_bytes());
+    }
+    msg.extend_from_slice(body);
+    sock.write_all(&msg).unwrap();
+}
+
+/// The u64 body of the reply to `request`, or None at end of file.
+fn raw_reply_u64(sock: &mut std::os::unix::net::UnixStream, request: u32) -> Option<u64> {
+    use std::io::Read;
+    let mut reply = [0u8; 20];
+    sock.read_exact(&mut reply).ok()?;
+    let word = |i: usize| u32::from_le_bytes(reply[4 * i..4 * i + 4].try_into().unwrap());
+    assert_eq!(
+        (word(0), word(1) & 0x4, word(2)),
+        (request, 0x4, 8),
+        "a reply to {request}"
+    );
+    Some(u64::from_le_bytes(reply[12..20].try_into().unwrap()))
+}
+
+/// QEMU's vhost-user-net (7.2) sends SET_VRING_ENABLE when the guest
+/// negotiates its features, before SET_FEATURES reaches the backend. vhost
+/// 0.18 ended the connection there; ringvm's patched copy
+/// (third_party/README.md) keeps the request and carries it out at
+/// SET_FEATURES. ringvm-blk shares the daemon with ringvm-net.
+#[test]
+fn set_vring_enable_before_set_features_is_carried_out_at_set_features() {
+    const GET_FEATURES: u32 = 1;
+    const SET_FEATURES: u32 = 2;
+    const SET_OWNER: u32 = 3;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+    const SET_PROTOCOL_FEATURES: u32 = 16;
+    const SET_VRING_ENABLE: u32 = 18;
+    let handshake = |socket: &std::path::Path| {
+        let mut sock = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        raw_request(&mut sock, SET_OWNER, false, &[]);
+        raw_request(&mut sock, GET_FEATURES, false, &[]);
+        let features = raw_reply_u64(&mut sock, GET_FEATURES).unwrap();
+        assert_ne!(features & (1 << 30), 0, "PROTOCOL_FEATURES offered");
+        raw_request(&mut sock, GET_PROTOCOL_FEATURES, false, &[]);
+        let protocol = raw_reply_u64(&mut sock, GET_PROTOCOL_FEATURES).unwrap();
+        let reply_ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
+        assert_ne!(protocol & reply_ack, 0);
+        raw_request(
+            &mut sock,
+            SET_PROTOCOL_FEATURES,
+            false,
+            &reply_ack.to_le_bytes(),
+        );
+        (sock, features)
+    };
+    let vring_state = |index: u32, num: u32| {
+        let mut body = index.to_le_bytes().to_vec();
+        body.extend_from_slice(&num.to_le_bytes());
+        body
+    };
+
+    // Ring 0 enabled early: acknowledged, then applied at SET_FEATURES,
+    // and the connection goes on.
+    let mut backend = Backend::start(&[]);
+    let (mut sock, features) = handshake(&backend.socket);
+    raw_request(&mut sock, SET_VRING_ENABLE, true, &vring_state(0, 1));
+    assert_eq!(
+        raw_reply_u64(&mut sock, SET_VRING_ENABLE),
+        Some(0),
+        "{}",
+        backend.stderr()
+    );
+    raw_request(&mut sock, SET_FEATURES, true, &features.to_le_bytes());
+    assert_eq!(
+        raw_reply_u64(&mut sock, SET_FEATURES),
+        Some(0),
+        "{}",
+        backend.stderr()
+    );
+    raw_request(&mut sock, GET_FEATURES, false, &[]);
+    assert_eq!(raw_reply_u64(&mut sock, GET_FEATURES), Some(features));
+    drop(sock);
+    assert_clean_exit(&mut backend);
+
+    // An early enable of a ring the backend does not have is carried out
+    // too, at SET_FEATURES: refused there, which ends the connection.
+    let mut backend = Backend::start(&[]);
+    let (mut sock, features) = handshake(&backend.socket);
+    raw_request(&mut sock, SET_VRING_ENABLE, false, &vring_state(99, 1));
+    raw_request(&mut sock, SET_FEATURES, true, &features.to_le_bytes());
+    assert_eq!(
+        raw_reply_u64(&mut sock, SET_FEATURES),
+        Some(1),
+        "the enable failed"
+    );
+    assert_eq!(
+        raw_reply_u64(&mut sock, GET_FEATURES),
+        None,
+        "the connection ended"
+    );
+    assert_eq!(backend.wait_exit().code(), Some(1), "{}", backend.stderr());
+}
+
 #[test]
 fn a_malformed_qcow2_header_or_format_qcow2_on_raw_is_refused() {
     let dir = tempfile::tempdir().unwrap();
