@@ -190,12 +190,13 @@ impl NetBackend {
         }
     }
 
-    /// Leaves every tap queue unread and detached: the backend is going
-    /// away.
+    /// Leaves every tap queue unread and detached for good: the frontend
+    /// is gone and so is the backend (its worker threads may still be
+    /// handling a last event, which must not attach a queue again).
     pub fn stop(&self) {
         for pair in 0..self.workers.len() {
             if let Some(mut worker) = self.worker(pair) {
-                worker.reset();
+                worker.close();
             }
         }
     }
@@ -233,8 +234,14 @@ impl VhostUserBackend for NetBackend {
         vhost_user::protocol_features()
     }
 
+    /// RESET_DEVICE: the crate has disabled every ring; the frontend may
+    /// set the device up again.
     fn reset_device(&self) {
-        self.stop();
+        for pair in 0..self.workers.len() {
+            if let Some(mut worker) = self.worker(pair) {
+                worker.reset();
+            }
+        }
         info!("device reset by the frontend");
     }
 

@@ -76,6 +76,8 @@ pub struct PairWorker {
     changes: Arc<EventFd>,
     /// Both rings started and enabled, and the tap queue attached.
     live: bool,
+    /// The backend is going away: the pair never comes on again.
+    closed: bool,
     mem: GuestRamAtomic,
     acked_features: Arc<AtomicU64>,
     counters: Arc<PairCounters>,
@@ -107,6 +109,7 @@ impl PairWorker {
             tap_device: tap,
             changes,
             live: false,
+            closed: false,
             mem,
             acked_features,
             counters,
@@ -139,7 +142,7 @@ impl PairWorker {
         // Before the state is read: see NetVring::report_changes_to.
         rx.report_changes_to(&self.changes);
         tx.report_changes_to(&self.changes);
-        let wanted = rx.is_live() && tx.is_live();
+        let wanted = !self.closed && rx.is_live() && tx.is_live();
         if wanted == self.live {
             return false;
         }
@@ -392,12 +395,19 @@ impl PairWorker {
         }
     }
 
-    /// Device reset, or the frontend is gone: the rings are gone, so is
-    /// what was taken from them, and the tap queue is detached.
+    /// Device reset: the rings are gone, so is what was taken from them,
+    /// and the tap queue is detached.
     pub fn reset(&mut self) {
         self.go_off();
         self.stash.take_all();
         self.rx_vring = None;
+    }
+
+    /// The frontend is gone: [`reset`](Self::reset), and the pair stays
+    /// off whatever its rings say (they keep the state the frontend left).
+    pub fn close(&mut self) {
+        self.closed = true;
+        self.reset();
     }
 
     /// Adds a batch to the used ring and signals the guest once, if it
