@@ -130,10 +130,6 @@ impl PairWorker {
         self.acked_features.load(Ordering::Relaxed)
     }
 
-    pub fn is_live(&self) -> bool {
-        self.live
-    }
-
     /// Follows the state the frontend gave the pair's rings: attaches the
     /// tap queue when both are started and enabled, detaches it when one
     /// is not. Returns true when the pair has just come on: its rings must
