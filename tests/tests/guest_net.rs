@@ -286,6 +286,7 @@ fn echo_through(ns: &Netns, guest: Command, pings: u16, pairs: u16) -> harness::
         .lines()
         .find_map(|l| l.strip_prefix("testguest: net-echo ok "))
         .unwrap_or_else(|| panic!("no net-echo ok line\n{out}"));
+    println!("net-echo ok {line}");
     let field = |key: &str| -> u64 {
         line.split(' ')
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
@@ -376,6 +377,19 @@ fn echo_through_ringvm(pairs: u16) {
     }
     assert!(status.success(), "ringvm-net: {status}\n{stderr}");
     assert!(stderr.contains("frontend connected"), "{stderr}");
+    // Pair 0's tap queue attached at DRIVER_OK, pair 1's when the guest's
+    // VQ_PAIRS_SET made ringvm enable its rings; none before.
+    let counters = stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("counters: ").map(|(_, c)| c))
+        .unwrap_or_else(|| panic!("no counters from ringvm-net\n{stderr}"));
+    assert!(
+        counters
+            .split(' ')
+            .any(|kv| kv == format!("tap_attaches={pairs}")),
+        "{counters}"
+    );
 }
 
 #[test]
