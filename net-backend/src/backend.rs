@@ -6,7 +6,11 @@
 //! 5.1.2). [`NetBackend::queues_per_thread`] gives each pair its own thread,
 //! whose epoll numbers the pair's RX kick 0 and TX kick 1; the pair's tap
 //! queue is a listener of the same epoll ([`Token::Tap`]), added and removed
-//! by the worker as the guest's receive buffers come and go.
+//! by the worker as the guest's receive buffers come and go, and so is the
+//! eventfd its rings signal when the frontend enables, disables, starts or
+//! stops them ([`Token::RingState`], see [`crate::vring`]). Every event
+//! first brings the pair up to date with its rings' state
+//! ([`PairWorker::follow_enable`]).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +29,7 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::counters::Counters;
 use crate::queue::{GuestRamAtomic, PairWorker, TapWatch, Vring};
@@ -47,6 +52,8 @@ pub enum Token {
     TxKick,
     /// The pair's tap queue is readable.
     Tap,
+    /// The frontend changed the state of one of the pair's rings.
+    RingState,
 }
 
 impl Token {
@@ -55,6 +62,7 @@ impl Token {
             0 => Some(Token::RxKick),
             1 => Some(Token::TxKick),
             n if n == num_queues + 1 => Some(Token::Tap),
+            n if n == num_queues + 2 => Some(Token::RingState),
             _ => None,
         }
     }
@@ -66,6 +74,7 @@ impl Token {
             Token::RxKick => 0,
             Token::TxKick => 1,
             Token::Tap => num_queues as u64 + 1,
+            Token::RingState => num_queues as u64 + 2,
         }
     }
 }
@@ -95,6 +104,8 @@ pub struct NetBackend {
     tap: Arc<Tap>,
     acked_features: Arc<AtomicU64>,
     workers: Vec<Mutex<PairWorker>>,
+    /// Per pair: signalled by its rings on a state change.
+    ring_state_events: Vec<Arc<EventFd>>,
 }
 
 impl NetBackend {
@@ -106,7 +117,7 @@ impl NetBackend {
         options: &NetOptions,
         mem: GuestRamAtomic,
         counters: &Counters,
-    ) -> Self {
+    ) -> io::Result<Self> {
         let mut features = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
@@ -131,18 +142,23 @@ impl NetBackend {
         config.extend_from_slice(&options.queue_pairs.to_le_bytes());
 
         let acked_features = Arc::new(AtomicU64::new(0));
+        let ring_state_events = (0..options.queue_pairs)
+            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
+            .collect::<io::Result<Vec<_>>>()?;
         let workers = (0..options.queue_pairs)
-            .map(|pair| {
+            .zip(&ring_state_events)
+            .map(|(pair, changes)| {
                 Mutex::new(PairWorker::new(
                     pair,
-                    Arc::clone(&tap.queues[usize::from(pair)]),
+                    Arc::clone(&tap),
                     mem.clone(),
                     Arc::clone(&acked_features),
                     Arc::clone(&counters.pairs[usize::from(pair)]),
+                    Arc::clone(changes),
                 ))
             })
             .collect();
-        NetBackend {
+        Ok(NetBackend {
             num_queues: 2 * usize::from(options.queue_pairs),
             queue_size: options.queue_size,
             features,
@@ -150,7 +166,14 @@ impl NetBackend {
             tap,
             acked_features,
             workers,
-        }
+            ring_state_events,
+        })
+    }
+
+    /// The eventfd pair `pair`'s rings signal on a state change, for its
+    /// thread's epoll ([`Token::RingState`]).
+    pub fn ring_state_event(&self, pair: usize) -> Option<&EventFd> {
+        self.ring_state_events.get(pair).map(|event| &**event)
     }
 
     fn worker(&self, pair: usize) -> Option<MutexGuard<'_, PairWorker>> {
@@ -167,11 +190,13 @@ impl NetBackend {
         }
     }
 
-    /// Leaves every tap queue unread: the backend is going away.
+    /// Leaves every tap queue unread and detached for good: the frontend
+    /// is gone and so is the backend (its worker threads may still be
+    /// handling a last event, which must not attach a queue again).
     pub fn stop(&self) {
         for pair in 0..self.workers.len() {
             if let Some(mut worker) = self.worker(pair) {
-                worker.reset();
+                worker.close();
             }
         }
     }
@@ -209,8 +234,14 @@ impl VhostUserBackend for NetBackend {
         vhost_user::protocol_features()
     }
 
+    /// RESET_DEVICE: the crate has disabled every ring; the frontend may
+    /// set the device up again.
     fn reset_device(&self) {
-        self.stop();
+        for pair in 0..self.workers.len() {
+            if let Some(mut worker) = self.worker(pair) {
+                worker.reset();
+            }
+        }
         info!("device reset by the frontend");
     }
 
@@ -237,13 +268,11 @@ impl VhostUserBackend for NetBackend {
         vhost_user::exit_event()
     }
 
-    /// GET_VRING_BASE: on an RX queue, the receive chains taken and not
-    /// used go back to the guest first.
+    /// GET_VRING_BASE: the pair goes off, and on an RX queue the receive
+    /// chains taken and not used go back to the guest first.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if queue_index % 2 == 0 {
-            if let Some(mut worker) = self.worker(queue_index as usize / 2) {
-                worker.stop_rx();
-            }
+        if let Some(mut worker) = self.worker(queue_index as usize / 2) {
+            worker.stop_ring(queue_index % 2 == 0);
         }
         Ok(())
     }
@@ -263,10 +292,19 @@ impl VhostUserBackend for NetBackend {
             warn!(thread_id, device_event, "event for a thread without a pair");
             return Ok(());
         };
-        match Token::from_device_event(device_event, self.num_queues) {
+        let token = Token::from_device_event(device_event, self.num_queues);
+        if token == Some(Token::RingState) {
+            worker.on_state_change();
+        }
+        if worker.follow_enable(rx, tx) {
+            worker.on_enabled(rx, tx);
+            return Ok(());
+        }
+        match token {
             Some(Token::RxKick) => worker.on_rx_kick(rx),
             Some(Token::TxKick) => worker.on_tx_kick(tx),
             Some(Token::Tap) => worker.on_tap_readable(rx),
+            Some(Token::RingState) => {}
             None => warn!(thread_id, device_event, "unexpected event"),
         }
         Ok(())
@@ -280,9 +318,10 @@ mod tests {
     #[test]
     fn tokens_round_trip() {
         for num_queues in [2, 8, 128] {
-            for token in [Token::RxKick, Token::TxKick, Token::Tap] {
+            for token in [Token::RxKick, Token::TxKick, Token::Tap, Token::RingState] {
                 let event = token.device_event(num_queues);
-                assert!(token != Token::Tap || event > num_queues as u64);
+                let listener = matches!(token, Token::Tap | Token::RingState);
+                assert!(!listener || event > num_queues as u64);
                 assert_eq!(
                     Token::from_device_event(event as u16, num_queues),
                     Some(token)

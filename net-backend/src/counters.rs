@@ -42,6 +42,10 @@ pub struct PairCounters {
     /// Call eventfd signals, and batches whose signal EVENT_IDX suppressed.
     pub notifications: AtomicU64,
     pub notifications_suppressed: AtomicU64,
+    /// The pair's tap queue attached (the frontend enabled the pair) and
+    /// detached (disabled, stopped, or the frontend gone).
+    pub tap_attaches: AtomicU64,
+    pub tap_detaches: AtomicU64,
 }
 
 /// The counters of all pairs, plus the daemon's own.
@@ -89,6 +93,8 @@ impl Counters {
             "notifications_suppressed",
             sum(&|p| &p.notifications_suppressed),
         );
+        push("tap_attaches", sum(&|p| &p.tap_attaches));
+        push("tap_detaches", sum(&|p| &p.tap_detaches));
         for (name, value) in self.daemon.values() {
             push(name, value);
         }

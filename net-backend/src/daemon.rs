@@ -11,7 +11,9 @@
 //!
 //! What is ringvm-net's own: each pair's tap queue is a listener of that
 //! pair's worker epoll, which the worker adds and removes itself through a
-//! weak reference to the crate's `VringEpollHandler`.
+//! weak reference to the crate's `VringEpollHandler`; and so is the eventfd
+//! the pair's rings signal when the frontend changes their state (see
+//! [`crate::vring`]), registered here for the whole connection.
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -68,12 +70,14 @@ impl Device for NetDevice<'_> {
     }
 
     fn new_backend(&self, mem: GuestRamAtomic) -> Result<Arc<NetBackend>, DaemonError> {
-        Ok(Arc::new(NetBackend::new(
+        NetBackend::new(
             Arc::clone(&self.tap),
             &self.config.device,
             mem,
             self.counters,
-        )))
+        )
+        .map(Arc::new)
+        .map_err(DaemonError::EventLoop)
     }
 
     fn attach(
@@ -83,6 +87,15 @@ impl Device for NetDevice<'_> {
     ) -> Result<(), DaemonError> {
         let num_queues = 2 * usize::from(self.config.device.queue_pairs);
         for (pair, handler) in handlers.iter().enumerate() {
+            if let Some(event) = backend.ring_state_event(pair) {
+                handler
+                    .register_listener(
+                        event.as_raw_fd(),
+                        EventSet::IN,
+                        Token::RingState.device_event(num_queues),
+                    )
+                    .map_err(DaemonError::EventLoop)?;
+            }
             let handler = Arc::downgrade(handler);
             let fd = self.tap.queues[pair].as_raw_fd();
             let data = Token::Tap.device_event(num_queues);

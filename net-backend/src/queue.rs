@@ -12,27 +12,41 @@
 //!   epoll, so a full tap does not spin the thread.
 //! - RX kick ([`PairWorker::on_rx_kick`]): buffers arrived; the tap goes
 //!   back into the epoll and is read at once.
+//!
+//! A pair is served only while the frontend has both its rings started and
+//! enabled ([`PairWorker::follow_enable`], at every event of the thread and
+//! when [`crate::vring::NetVring`] reports a change): then its tap queue is
+//! attached; otherwise it is detached and out of the epoll, and neither
+//! the tap nor the rings are touched (each batch checks its ring's state
+//! under the ring's lock, which the frontend's SET_VRING_ENABLE takes too).
+//! When a pair comes on, both rings are served at once: kicks that came
+//! while it was off were dropped. The frames waiting in a tap queue when
+//! it is detached are lost (the kernel drops them); receive chains taken
+//! from the guest stay with the worker until the pair comes back, or go
+//! back on GET_VRING_BASE.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
-use vhost_user_backend::{VringMutex, VringState, VringT};
+use tracing::{info, warn};
+use vhost_user_backend::{VringState, VringT};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::counters::{add, inc, PairCounters};
 use crate::rx::RxStash;
-use crate::tap::{FrameFd, IoVec};
+use crate::tap::{FrameFd, IoVec, Tap};
 use crate::tx::tx_iovecs;
+use crate::vring::{is_live, NetVring};
 
 /// Guest RAM as the backend maps it from the frontend's memory table.
 pub type GuestRam = GuestMemoryMmap<()>;
 pub type GuestRamAtomic = GuestMemoryAtomic<GuestRam>;
-pub type Vring = VringMutex<GuestRamAtomic>;
+pub type Vring = NetVring;
 
 /// Guest-triggered warnings: at most one per second per pair.
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -54,7 +68,16 @@ pub type TapWatch = Box<dyn Fn(bool) -> io::Result<()> + Send + Sync>;
 
 pub struct PairWorker {
     index: u16,
+    /// The tap device, to attach and detach this pair's queue.
+    tap_device: Arc<Tap>,
+    /// This pair's tap queue.
     tap: Arc<FrameFd>,
+    /// Signalled by the pair's rings when the frontend changes their state.
+    changes: Arc<EventFd>,
+    /// Both rings started and enabled, and the tap queue attached.
+    live: bool,
+    /// The backend is going away: the pair never comes on again.
+    closed: bool,
     mem: GuestRamAtomic,
     acked_features: Arc<AtomicU64>,
     counters: Arc<PairCounters>,
@@ -69,16 +92,24 @@ pub struct PairWorker {
 }
 
 impl PairWorker {
+    /// The worker of pair `index`, served by that queue of `tap`; `changes`
+    /// is the eventfd its thread wakes up on when the frontend changes the
+    /// state of the pair's rings.
     pub fn new(
         index: u16,
-        tap: Arc<FrameFd>,
+        tap: Arc<Tap>,
         mem: GuestRamAtomic,
         acked_features: Arc<AtomicU64>,
         counters: Arc<PairCounters>,
+        changes: Arc<EventFd>,
     ) -> Self {
         PairWorker {
             index,
-            tap,
+            tap: Arc::clone(&tap.queues[usize::from(index)]),
+            tap_device: tap,
+            changes,
+            live: false,
+            closed: false,
             mem,
             acked_features,
             counters,
@@ -99,6 +130,75 @@ impl PairWorker {
         self.acked_features.load(Ordering::Relaxed)
     }
 
+    /// Follows the state the frontend gave the pair's rings: attaches the
+    /// tap queue when both are started and enabled, detaches it when one
+    /// is not. Returns true when the pair has just come on: its rings must
+    /// then be served ([`PairWorker::on_enabled`]).
+    pub fn follow_enable(&mut self, rx: &Vring, tx: &Vring) -> bool {
+        // Before the state is read: see NetVring::report_changes_to.
+        rx.report_changes_to(&self.changes);
+        tx.report_changes_to(&self.changes);
+        let wanted = !self.closed && rx.is_live() && tx.is_live();
+        if wanted == self.live {
+            return false;
+        }
+        if !wanted {
+            self.go_off();
+            return false;
+        }
+        if let Err(err) = self
+            .tap_device
+            .set_queue_attached(usize::from(self.index), true)
+        {
+            self.warn(format_args!(
+                "cannot attach the pair's tap queue: {err}; the pair stays off"
+            ));
+            return false;
+        }
+        inc(&self.counters.tap_attaches);
+        self.live = true;
+        self.rx_vring = Some(rx.clone());
+        info!(pair = self.index, "pair enabled: tap queue attached");
+        true
+    }
+
+    /// The pair stops being served: the tap queue leaves the epoll and is
+    /// detached (the frames waiting in it are dropped by the kernel).
+    fn go_off(&mut self) {
+        if !self.live {
+            return;
+        }
+        self.live = false;
+        self.set_watching(false);
+        match self
+            .tap_device
+            .set_queue_attached(usize::from(self.index), false)
+        {
+            Ok(()) => {
+                inc(&self.counters.tap_detaches);
+                info!(pair = self.index, "pair disabled: tap queue detached");
+            }
+            Err(err) => self.warn(format_args!(
+                "cannot detach the pair's tap queue: {err}; the kernel may steer flows to it"
+            )),
+        }
+    }
+
+    /// The rings' eventfd woke the thread: consumed before
+    /// [`PairWorker::follow_enable`] reads the state, so that a change after
+    /// that read wakes the thread again.
+    pub fn on_state_change(&self) {
+        // Non-blocking: nothing to read is not an error worth a word.
+        let _ = self.changes.read();
+    }
+
+    /// The pair has just come on: what the guest queued while it was off.
+    pub fn on_enabled(&mut self, rx: &Vring, tx: &Vring) {
+        self.transmit(tx);
+        self.set_watching(true);
+        self.receive(rx);
+    }
+
     fn set_watching(&mut self, on: bool) {
         if self.watching == on {
             return;
@@ -117,7 +217,9 @@ impl PairWorker {
     /// The guest added receive buffers (or the RX queue was enabled).
     pub fn on_rx_kick(&mut self, rx: &Vring) {
         inc(&self.counters.rx_kicks);
-        self.rx_vring = Some(rx.clone());
+        if !self.live {
+            return;
+        }
         if !self.watching {
             self.set_watching(true);
         }
@@ -126,8 +228,12 @@ impl PairWorker {
 
     /// The tap has frames.
     pub fn on_tap_readable(&mut self, rx: &Vring) {
+        if !self.live {
+            // Detached and out of the epoll already, or about to be.
+            self.set_watching(false);
+            return;
+        }
         inc(&self.counters.tap_wakeups);
-        self.rx_vring = Some(rx.clone());
         self.receive(rx);
     }
 
@@ -135,6 +241,11 @@ impl PairWorker {
         let mergeable = self.features() & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let mem = self.mem.memory().into_inner();
         let mut state = rx.get_mut();
+        if !self.live || !is_live(&state) {
+            // The frontend turned the ring off since the thread's last
+            // look: the state change wakes it up to detach.
+            return;
+        }
         let mut bad = Vec::new();
         let mut used = Vec::new();
         // One byte past the guest's buffers: a frame that reaches it did
@@ -208,9 +319,16 @@ impl PairWorker {
     /// The guest has frames to send.
     pub fn on_tx_kick(&mut self, tx: &Vring) {
         inc(&self.counters.tx_kicks);
+        self.transmit(tx);
+    }
+
+    fn transmit(&mut self, tx: &Vring) {
         let features = self.features();
         let mem = self.mem.memory().into_inner();
         let mut state = tx.get_mut();
+        if !self.live || !is_live(&state) {
+            return;
+        }
         let mut used = Vec::new();
         let mut iovecs = Vec::new();
         let mut passes = 0;
@@ -258,10 +376,14 @@ impl PairWorker {
         self.publish(&mut state, used.into_iter());
     }
 
-    /// The RX queue stops (GET_VRING_BASE): the receive chains taken and
-    /// not used go back with length 0, and the tap is left unread.
-    pub fn stop_rx(&mut self) {
-        self.set_watching(false);
+    /// A ring of the pair stops (GET_VRING_BASE): the pair goes off at once
+    /// (not at the thread's next wakeup), and for the RX ring the receive
+    /// chains taken and not used go back with length 0.
+    pub fn stop_ring(&mut self, rx_ring: bool) {
+        self.go_off();
+        if !rx_ring {
+            return;
+        }
         let heads = self.stash.take_all();
         if let Some(rx) = self.rx_vring.clone() {
             let mut state = rx.get_mut();
@@ -269,11 +391,19 @@ impl PairWorker {
         }
     }
 
-    /// Device reset: the rings are gone, so is what was taken from them.
+    /// Device reset: the rings are gone, so is what was taken from them,
+    /// and the tap queue is detached.
     pub fn reset(&mut self) {
-        self.set_watching(false);
+        self.go_off();
         self.stash.take_all();
         self.rx_vring = None;
+    }
+
+    /// The frontend is gone: [`reset`](Self::reset), and the pair stays
+    /// off whatever its rings say (they keep the state the frontend left).
+    pub fn close(&mut self) {
+        self.closed = true;
+        self.reset();
     }
 
     /// Adds a batch to the used ring and signals the guest once, if it

@@ -1,7 +1,13 @@
 //! The tap device and the descriptors frames move through: [`open_tap`]
-//! attaches one queue per RX/TX pair (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR |
-//! IFF_MULTI_QUEUE), and [`FrameFd`] reads and writes whole frames with
-//! readv/writev over [`IoVec`]s that point into guest memory.
+//! opens one queue per RX/TX pair (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR |
+//! IFF_MULTI_QUEUE) and leaves them detached until their pair is enabled
+//! ([`Tap::set_queue_attached`]), and [`FrameFd`] reads and writes whole
+//! frames with readv/writev over [`IoVec`]s that point into guest memory.
+//!
+//! Why detached: the kernel steers each flow to one of the tap's attached
+//! queues (by flow hash, or to the queue its packets came from), so a queue
+//! that is attached but not served swallows flows. A detached queue takes
+//! no frames, and detaching one drops the frames waiting in it.
 //!
 //! [`FrameFd`] is any descriptor that keeps frame boundaries: a tap queue in
 //! the backend, a `socketpair(AF_UNIX, SOCK_SEQPACKET)` in the unit tests.
@@ -47,6 +53,13 @@ pub enum TapError {
     #[error("tap {name}: cannot set the virtio-net header size")]
     VnetHdrSize {
         name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tap {name}: cannot detach queue {queue} until its pair is enabled")]
+    Detach {
+        name: String,
+        queue: u16,
         #[source]
         source: io::Error,
     },
@@ -176,6 +189,46 @@ fn iov_count(len: usize) -> libc::c_int {
 pub struct Tap {
     pub name: String,
     pub queues: Vec<Arc<FrameFd>>,
+    /// IFF_MULTI_QUEUE: queues can be detached. A tap without it has one
+    /// queue, always attached.
+    pub multi_queue: bool,
+}
+
+impl Tap {
+    /// Attaches queue `queue` to the tap (IFF_ATTACH_QUEUE): the kernel
+    /// steers frames to it; or detaches it (IFF_DETACH_QUEUE): it gets none,
+    /// and the frames waiting in it are dropped. On a tap without
+    /// IFF_MULTI_QUEUE this does nothing: its one queue stays attached.
+    pub fn set_queue_attached(&self, queue: usize, attached: bool) -> io::Result<()> {
+        if !self.multi_queue {
+            return Ok(());
+        }
+        let fd = self
+            .queues
+            .get(queue)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let flag = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        set_queue(fd.as_raw_fd(), flag)
+    }
+}
+
+/// TUNSETQUEUE on a tap queue's descriptor.
+fn set_queue(fd: RawFd, flag: libc::c_int) -> io::Result<()> {
+    // SAFETY: ifreq is plain data (integers, arrays and a union of them):
+    // all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    req.ifr_ifru.ifru_flags = flag as libc::c_short;
+    // SAFETY: TUNSETQUEUE reads one ifreq (only its flags) through the
+    // pointer, which points to `req` on this stack frame.
+    let ret = unsafe { libc::ioctl(fd, libc::TUNSETQUEUE, &mut req) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Offloads the guest accepts on RX (TUNSETOFFLOAD's TUN_F_* bits).
@@ -195,9 +248,10 @@ pub fn set_offload(queue: &FrameFd, tun_flags: libc::c_uint) -> io::Result<()> {
     Ok(())
 }
 
-/// Attaches `queues` queues of the existing tap `name`, each non-blocking,
-/// with the 12-byte virtio-net header. One queue may come from a tap
-/// without IFF_MULTI_QUEUE.
+/// Opens `queues` queues of the existing tap `name`, each non-blocking,
+/// with the 12-byte virtio-net header, and detached (on a multi-queue tap)
+/// until [`Tap::set_queue_attached`]. One queue may come from a tap without
+/// IFF_MULTI_QUEUE.
 pub fn open_tap(name: &str, queues: u16) -> Result<Tap, TapError> {
     let c_name = CString::new(name).map_err(|_| TapError::Missing {
         name: name.to_string(),
@@ -211,6 +265,7 @@ pub fn open_tap(name: &str, queues: u16) -> Result<Tap, TapError> {
         });
     }
     let mut fds = Vec::with_capacity(usize::from(queues));
+    let mut multi_queue = true;
     for queue in 0..queues {
         let multi = match attach(name, libc::IFF_MULTI_QUEUE) {
             Ok(fd) => fd,
@@ -231,6 +286,7 @@ pub fn open_tap(name: &str, queues: u16) -> Result<Tap, TapError> {
                         queues,
                     });
                 }
+                multi_queue = false;
                 single
             }
             Err(TapError::Attach { source, .. }) => {
@@ -259,9 +315,24 @@ pub fn open_tap(name: &str, queues: u16) -> Result<Tap, TapError> {
         }
         fds.push(Arc::new(FrameFd::new(multi)));
     }
+    // No frontend has enabled a pair yet: frames sent to the tap meanwhile
+    // are dropped by the kernel rather than queued for a guest that may
+    // never read them.
+    if multi_queue {
+        for (queue, fd) in (0..queues).zip(&fds) {
+            set_queue(fd.as_raw_fd(), libc::IFF_DETACH_QUEUE).map_err(|source| {
+                TapError::Detach {
+                    name: name.to_string(),
+                    queue,
+                    source,
+                }
+            })?;
+        }
+    }
     Ok(Tap {
         name: name.to_string(),
         queues: fds,
+        multi_queue,
     })
 }
 

@@ -237,6 +237,7 @@ fn without_receive_buffers_the_tap_waits_for_the_rx_kick() {
         g.kick(RXQ);
     };
     post(&mut g, 0, 2);
+    backend.wait_counter("tap_attaches", 1);
     let frames: Vec<Vec<u8>> = (0..4)
         .map(|seed| frame(MAC, [0x02, 0, 0, 0, 0, 1], 100, seed))
         .collect();
@@ -287,6 +288,7 @@ fn a_frame_longer_than_a_lone_buffer_is_dropped_and_counted() {
     let mut g = Guest::connect_without(&backend.socket, 2, true, 1 << VIRTIO_NET_F_MRG_RXBUF);
     g.submit(RXQ, &[W(RX_BUFS, RX_BUF_BYTES)]);
     g.kick(RXQ);
+    backend.wait_counter("tap_attaches", 1);
     let long = frame(MAC, [0x02, 0, 0, 0, 0, 1], 3000, 5);
     host.send(&long);
     let mut seen = 0;
@@ -312,4 +314,155 @@ fn a_frame_longer_than_a_lone_buffer_is_dropped_and_counted() {
         "{counters:?}"
     );
     drop(g);
+}
+
+/// Host flows for the multiqueue test: UDP source ports `FLOW_PORT + i`.
+const FLOWS: u16 = 32;
+const FLOW_PORT: u16 = 40_000;
+/// RX buffers of queue `q` (0 or 2): one 2 KiB buffer per descriptor.
+const MQ_RX_BUFS: [u64; 2] = [0x20_0000, 0x30_0000];
+
+/// An IPv4/UDP frame from the host to the guest's MAC, source port
+/// `sport`: the tap steers each such flow to one of its attached queues by
+/// its hash.
+fn udp_frame(sport: u16) -> Vec<u8> {
+    let payload = sport.to_be_bytes();
+    let udp_len = 8 + payload.len() as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+    ip.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut frame = MAC.to_vec();
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&sport.to_be_bytes());
+    frame.extend_from_slice(&9u16.to_be_bytes());
+    frame.extend_from_slice(&udp_len.to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Receives `count` frames of ours on RX queues 0 and 2 (pair 0 and 1),
+/// posting each buffer again; returns the UDP source ports each pair got.
+fn receive_flows(g: &mut Guest, seen: &mut [u16; 2], count: usize) -> [Vec<u16>; 2] {
+    let deadline = std::time::Instant::now() + support::TIMEOUT;
+    let mut ports = [Vec::new(), Vec::new()];
+    while ports[0].len() + ports[1].len() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {ports:?} of {count} flows arrived"
+        );
+        for pair in 0..2 {
+            let q = 2 * pair;
+            for (head, len) in g.poll_used(q, &mut seen[pair]) {
+                let at = MQ_RX_BUFS[pair] + u64::from(head) * u64::from(RX_BUF_BYTES);
+                let frame = g.read(at + 12, len as usize - 12);
+                // Ethernet, IPv4 (20 bytes), UDP source port.
+                if frame.len() >= 14 + 20 + 8 && frame[12..14] == [0x08, 0x00] {
+                    ports[pair].push(u16::from_be_bytes([frame[34], frame[35]]));
+                }
+                g.submit_at(q, head as u16, &[W(at, RX_BUF_BYTES)]);
+            }
+            g.kick(q);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    ports
+}
+
+fn send_flows(host: &support::PacketSocket) {
+    for i in 0..FLOWS {
+        host.send(&udp_frame(FLOW_PORT + i));
+    }
+}
+
+#[test]
+fn a_pair_gets_flows_only_while_the_frontend_has_it_enabled() {
+    let ns = Netns::new();
+    ns.add_tap(TAP, true);
+    let host = ns.packet_socket(TAP);
+    let mut backend = Backend::start(&ns, TAP, &["--queues", "2"]);
+    // One frame per chain (MRG_RXBUF refused), so a used entry is a frame.
+    let mut g = Guest::negotiate_without(&backend.socket, 4, true, 1 << VIRTIO_NET_F_MRG_RXBUF);
+    g.share_memory();
+    for q in 0..4 {
+        g.set_up_queue(q);
+    }
+    // As at DRIVER_OK: pair 0 on, pair 1 set up but off until the guest
+    // asks for it (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
+    g.frontend.set_vring_enable(0, true).unwrap();
+    g.frontend.set_vring_enable(1, true).unwrap();
+    for (pair, bufs) in MQ_RX_BUFS.into_iter().enumerate() {
+        for i in 0..support::QUEUE_SIZE {
+            let at = bufs + u64::from(i) * u64::from(RX_BUF_BYTES);
+            g.submit_at(2 * pair, i, &[W(at, RX_BUF_BYTES)]);
+        }
+        g.kick(2 * pair);
+    }
+    // A frame on pair 1's TX queue waits for the pair.
+    let sent = frame([0xff; 6], MAC, 80, 4);
+    g.fill(HDR, 12, 0);
+    g.write_mem(FRAME, &sent);
+    g.submit(3, &[R(HDR, 12), R(FRAME, sent.len() as u32)]);
+    g.kick(3);
+    backend.wait_counter("tap_attaches", 1);
+
+    send_flows(&host);
+    let mut seen = [0u16; 2];
+    let ports = receive_flows(&mut g, &mut seen, FLOWS.into());
+    assert_eq!(ports[0].len(), usize::from(FLOWS), "{ports:?}");
+    assert!(ports[1].is_empty(), "{ports:?}");
+    assert_eq!(g.used_idx(2), 0, "no receive buffer of pair 1 used");
+    assert_eq!(g.used_idx(3), 0, "pair 1's TX frame waits");
+    assert_eq!(backend.dump_counters()["tx_frames"], 0);
+
+    // Pair 1 on: its waiting TX frame goes out, and the flows spread over
+    // both tap queues.
+    g.frontend.set_vring_enable(2, true).unwrap();
+    g.frontend.set_vring_enable(3, true).unwrap();
+    g.kick(2);
+    g.kick(3);
+    backend.wait_counter("tap_attaches", 2);
+    g.wait_used(3, 1);
+    host.wait_for(|f| f == sent.as_slice());
+    send_flows(&host);
+    let ports = receive_flows(&mut g, &mut seen, FLOWS.into());
+    assert!(
+        !ports[0].is_empty() && !ports[1].is_empty(),
+        "{FLOWS} flows over two attached tap queues, yet one pair got them all: {ports:?}"
+    );
+    let mut all: Vec<u16> = ports.concat();
+    all.sort_unstable();
+    assert_eq!(all, (FLOW_PORT..FLOW_PORT + FLOWS).collect::<Vec<_>>());
+
+    // Pair 1 off again: everything on pair 0.
+    let before = g.used_idx(2);
+    g.frontend.set_vring_enable(2, false).unwrap();
+    g.frontend.set_vring_enable(3, false).unwrap();
+    backend.wait_counter("tap_detaches", 1);
+    send_flows(&host);
+    let ports = receive_flows(&mut g, &mut seen, FLOWS.into());
+    assert_eq!(ports[0].len(), usize::from(FLOWS), "{ports:?}");
+    assert!(ports[1].is_empty(), "{ports:?}");
+    assert_eq!(g.used_idx(2), before);
+
+    drop(g);
+    let status = backend.wait_exit();
+    assert!(status.success(), "{status}: {}", backend.stderr());
+    let counters = backend.counters();
+    assert_eq!(counters["tap_attaches"], 2, "{counters:?}");
+    assert_eq!(
+        counters["tap_detaches"], 2,
+        "pair 0 at disconnect: {counters:?}"
+    );
+    assert_eq!(counters["rx_frames"], 3 * u64::from(FLOWS), "{counters:?}");
+    assert_eq!(counters["tx_frames"], 1, "{counters:?}");
 }

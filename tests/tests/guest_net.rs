@@ -1,10 +1,19 @@
 //! The test guest's virtio-net driver and `job=net-echo` end to end, on a
 //! tap in a network namespace of its own (the host's interfaces are never
 //! touched): the host side pings the guest, echoes UDP datagrams through it
-//! and sends it a corrupted frame. Two device paths:
+//! and sends it a corrupted frame. Two device paths, each with one queue
+//! pair and with two:
 //! - ringvm with `--net` and ringvm-net on the tap (20 pings, 0% loss);
+//!   two pairs: `--net ...,num_queues=2` and `ringvm-net --queues 2`, ringvm
+//!   serving the control queue and enabling pair 1 in ringvm-net when the
+//!   guest asks;
 //! - QEMU's in-process virtio-net-pci on the tap (the driver under a
-//!   second implementation of the device).
+//!   second implementation of the device); two pairs: `mq=on` on a
+//!   two-queue tap.
+//!
+//! With two pairs the datagrams come from several source ports, so that the
+//! tap spreads the flows over both of its queues, and the guest's
+//! `rx_per_pair` must show that both pairs received frames.
 //!
 //! Needs root (netns, tap) and /dev/net/tun, and qemu-system-x86_64 for the
 //! QEMU run; skipped otherwise.
@@ -29,6 +38,10 @@ const QEMU_PINGS: u16 = 3;
 /// The bar: 20 pings, 0% loss.
 const RINGVM_PINGS: u16 = 20;
 const UDP_SIZES: [usize; 3] = [1, 100, 1472];
+/// UDP source ports (flows) with two queue pairs: the tap sends each flow
+/// to one of its queues by the flow's hash, so all of them miss a pair
+/// with probability 2^-15 (and the ping and ARP flows make it smaller).
+const UDP_FLOWS_TWO_PAIRS: usize = 16;
 /// The host's replies wait this long for each answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -37,7 +50,7 @@ struct Netns(String);
 
 impl Netns {
     /// `multi_queue`: ringvm-net opens its tap with IFF_MULTI_QUEUE, QEMU
-    /// (one queue) without; the tap must be created to match.
+    /// without unless it has two queues; the tap must be created to match.
     fn create(tag: &str, multi_queue: bool) -> io::Result<Netns> {
         let name = format!("ringvm-test-{tag}-{}", std::process::id());
         ip(&["netns", "add", &name])?;
@@ -155,19 +168,34 @@ fn ping(count: u16) -> io::Result<()> {
     Ok(())
 }
 
-/// Echoes datagrams through the guest's port 7.
-fn udp_echo() -> io::Result<()> {
-    let sock = UdpSocket::bind((HOST_IP, 0))?;
-    sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
-    for size in UDP_SIZES {
-        let message: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
-        sock.send_to(&message, (GUEST_IP, 7))?;
-        let mut buf = [0u8; 2048];
-        let (len, from) = sock.recv_from(&mut buf)?;
-        assert_eq!(from, SocketAddr::V4(SocketAddrV4::new(GUEST_IP, 7)));
-        assert_eq!(&buf[..len], &message[..], "echo of {size} bytes");
+/// Echoes datagrams through the guest's port 7, from `flows` source ports.
+fn udp_echo(flows: usize) -> io::Result<()> {
+    for flow in 0..flows {
+        let sock = UdpSocket::bind((HOST_IP, 0))?;
+        sock.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        for size in UDP_SIZES {
+            let message: Vec<u8> = (0..size).map(|i| (i * 7 + size + flow) as u8).collect();
+            sock.send_to(&message, (GUEST_IP, 7))?;
+            let mut buf = [0u8; 2048];
+            let (len, from) = sock.recv_from(&mut buf)?;
+            assert_eq!(from, SocketAddr::V4(SocketAddrV4::new(GUEST_IP, 7)));
+            assert_eq!(
+                &buf[..len],
+                &message[..],
+                "echo of {size} bytes, flow {flow}"
+            );
+        }
     }
     Ok(())
+}
+
+/// UDP flows of a run with `pairs` queue pairs.
+fn udp_flows(pairs: u16) -> usize {
+    if pairs > 1 {
+        UDP_FLOWS_TWO_PAIRS
+    } else {
+        1
+    }
 }
 
 /// Sends the guest an IPv4 frame with a wrong header checksum, through a
@@ -215,10 +243,11 @@ fn can_make_taps() -> bool {
     true
 }
 
-/// Runs `guest` (a VMM running `job=net-echo`), and once it is ready the
-/// host side in the namespace: a corrupted frame, `pings` pings, the UDP
-/// echoes. Returns the VMM's output after checking the guest's counts.
-fn echo_through(ns: &Netns, guest: Command, pings: u16) -> harness::RunOutput {
+/// Runs `guest` (a VMM running `echo_job(pings, pairs)`), and once it is
+/// ready the host side in the namespace: a corrupted frame, `pings` pings,
+/// the UDP echoes. Returns the VMM's output after checking the guest's
+/// counts, and that each of its `pairs` queue pairs received frames.
+fn echo_through(ns: &Netns, guest: Command, pings: u16, pairs: u16) -> harness::RunOutput {
     let (ready_tx, ready_rx) = mpsc::channel();
     let vmm_run = thread::spawn(move || {
         let mut signal = ReadySignal {
@@ -233,7 +262,7 @@ fn echo_through(ns: &Netns, guest: Command, pings: u16) -> harness::RunOutput {
                 ns.enter()?;
                 send_corrupted_frame()?;
                 ping(pings)?;
-                udp_echo()
+                udp_echo(udp_flows(pairs))
             })
             .join()
         })
@@ -257,6 +286,7 @@ fn echo_through(ns: &Netns, guest: Command, pings: u16) -> harness::RunOutput {
         .lines()
         .find_map(|l| l.strip_prefix("testguest: net-echo ok "))
         .unwrap_or_else(|| panic!("no net-echo ok line\n{out}"));
+    println!("net-echo ok {line}");
     let field = |key: &str| -> u64 {
         line.split(' ')
             .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
@@ -265,30 +295,61 @@ fn echo_through(ns: &Netns, guest: Command, pings: u16) -> harness::RunOutput {
     };
     assert_eq!(field("arp"), 1, "{line}");
     assert_eq!(field("icmp"), u64::from(pings), "{line}");
-    assert_eq!(field("udp"), UDP_SIZES.len() as u64, "{line}");
+    assert_eq!(
+        field("udp"),
+        (UDP_SIZES.len() * udp_flows(pairs)) as u64,
+        "{line}"
+    );
     assert!(field("dropped") >= 1, "{line}");
-    assert!(line.ends_with("mac=52:54:00:12:34:56"), "{line}");
+    assert!(line.contains(" mac=52:54:00:12:34:56 pairs="), "{line}");
+    assert_eq!(field("pairs"), u64::from(pairs), "{line}");
+    let per_pair: Vec<u64> = line
+        .split(' ')
+        .find_map(|kv| kv.strip_prefix("rx_per_pair="))
+        .unwrap_or_else(|| panic!("no rx_per_pair= in {line}"))
+        .split(',')
+        .map(|n| {
+            n.parse()
+                .unwrap_or_else(|_| panic!("rx_per_pair in {line}"))
+        })
+        .collect();
+    assert_eq!(per_pair.len(), usize::from(pairs), "{line}");
+    assert!(
+        per_pair.iter().all(|&n| n > 0),
+        "a queue pair received nothing: {line}"
+    );
     out
 }
 
-/// 1 ARP answer, the pings and the datagrams: then the job ends.
-fn echo_job(pings: u16) -> String {
-    let answers = 1 + u64::from(pings) + UDP_SIZES.len() as u64;
+/// 1 ARP answer, the pings and the datagrams: then the job ends. `pairs=`
+/// is left to its default, every pair the device has.
+fn echo_job(pings: u16, pairs: u16) -> String {
+    let answers = 1 + u64::from(pings) + (UDP_SIZES.len() * udp_flows(pairs)) as u64;
     format!("job=net-echo ip={GUEST_IP}/24 count={answers} time=60 exit=5")
 }
 
 #[test]
 fn net_echo_through_ringvm_and_ringvm_net() {
+    echo_through_ringvm(1);
+}
+
+#[test]
+fn net_echo_through_ringvm_and_ringvm_net_with_two_queue_pairs() {
+    echo_through_ringvm(2);
+}
+
+fn echo_through_ringvm(pairs: u16) {
     if !can_make_taps() {
         return;
     }
-    let ns = Netns::create("ringvm", true).expect("a network namespace with a tap");
+    let ns =
+        Netns::create(&format!("ringvm{pairs}"), true).expect("a network namespace with a tap");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("net.sock");
     let mut backend = Command::new("ip")
         .args(["netns", "exec", &ns.0])
         .arg(harness::binary("ringvm-net"))
-        .args(["--tap", TAP, "--socket"])
+        .args(["--tap", TAP, "--queues", &pairs.to_string(), "--socket"])
         .arg(&socket)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -297,12 +358,16 @@ fn net_echo_through_ringvm_and_ringvm_net() {
         .expect("spawning ringvm-net");
     harness::wait_for_path(&socket, Duration::from_secs(20), "ringvm-net");
     let mut guest = Command::new(harness::binary("ringvm"));
+    let mut net = format!("socket={},mac=52:54:00:12:34:56", socket.display());
+    if pairs > 1 {
+        net.push_str(&format!(",num_queues={pairs}"));
+    }
     guest
         .args(["--kernel", ringvm_tests::guest::GUEST_ELF_PATH, "--cmdline"])
-        .arg(echo_job(RINGVM_PINGS))
+        .arg(echo_job(RINGVM_PINGS, pairs))
         .arg("--net")
-        .arg(format!("socket={},mac=52:54:00:12:34:56", socket.display()));
-    let out = echo_through(&ns, guest, RINGVM_PINGS);
+        .arg(net);
+    let out = echo_through(&ns, guest, RINGVM_PINGS, pairs);
     assert_eq!(out.status, ExitOutcome::Exited(5), "{out}");
     // ringvm-net ends when ringvm disconnects.
     let status = backend.wait().expect("ringvm-net exit");
@@ -312,10 +377,35 @@ fn net_echo_through_ringvm_and_ringvm_net() {
     }
     assert!(status.success(), "ringvm-net: {status}\n{stderr}");
     assert!(stderr.contains("frontend connected"), "{stderr}");
+    // Pair 0's tap queue attached at DRIVER_OK, pair 1's when the guest's
+    // VQ_PAIRS_SET made ringvm enable its rings; none before.
+    let counters = stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("counters: ").map(|(_, c)| c))
+        .unwrap_or_else(|| panic!("no counters from ringvm-net\n{stderr}"));
+    assert!(
+        counters
+            .split(' ')
+            .any(|kv| kv == format!("tap_attaches={pairs}")),
+        "{counters}"
+    );
 }
 
 #[test]
 fn net_echo_answers_ping_udp_and_counts_a_corrupted_frame_under_qemu() {
+    echo_under_qemu(1);
+}
+
+#[test]
+fn net_echo_serves_two_queue_pairs_under_qemu_multiqueue() {
+    echo_under_qemu(2);
+}
+
+/// QEMU's virtio-net-pci on the tap; with more than one pair, `mq=on` on a
+/// multi-queue tap with that many queues (QEMU serves the control queue,
+/// and attaches a tap queue per enabled pair).
+fn echo_under_qemu(pairs: u16) {
     let Some(qemu) = harness::qemu_path() else {
         println!("SKIPPED: qemu-system-x86_64 is not installed");
         return;
@@ -323,25 +413,28 @@ fn net_echo_answers_ping_udp_and_counts_a_corrupted_frame_under_qemu() {
     if !can_make_taps() {
         return;
     }
-    let ns = match Netns::create("qemu", false) {
+    let ns = match Netns::create(&format!("qemu{pairs}"), pairs > 1) {
         Ok(ns) => ns,
         Err(e) => {
             println!("SKIPPED: cannot set up a network namespace with a tap: {e}");
             return;
         }
     };
-    let guest = harness::qemu_guest_command(&qemu, &echo_job(QEMU_PINGS));
+    let guest = harness::qemu_guest_command(&qemu, &echo_job(QEMU_PINGS, pairs));
+    let mut netdev = format!("tap,id=n0,ifname={TAP},script=no,downscript=no");
+    let mut device = "virtio-net-pci,netdev=n0,disable-legacy=on,mac=52:54:00:12:34:56".to_string();
+    if pairs > 1 {
+        // vhost=off: QEMU moves the frames itself. Vectors: one per queue
+        // (2 per pair and the control queue) and the config interrupt.
+        netdev.push_str(&format!(",vhost=off,queues={pairs}"));
+        device.push_str(&format!(",mq=on,vectors={}", 2 * pairs + 2));
+    }
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.0])
         .arg(guest.get_program())
         .args(guest.get_args())
         .args(["-m", "128M", "-nodefaults", "-serial", "stdio"])
-        .arg("-netdev")
-        .arg(format!("tap,id=n0,ifname={TAP},script=no,downscript=no"))
-        .args([
-            "-device",
-            "virtio-net-pci,netdev=n0,disable-legacy=on,mac=52:54:00:12:34:56",
-        ]);
-    let out = echo_through(&ns, cmd, QEMU_PINGS);
+        .args(["-netdev", &netdev, "-device", &device]);
+    let out = echo_through(&ns, cmd, QEMU_PINGS, pairs);
     assert_eq!(out.status, ExitOutcome::Exited((5 << 1) | 1), "{out}");
 }

@@ -153,7 +153,18 @@ impl Guest {
         self.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
     }
 
+    /// Sets queue `q` up and enables it (SET_VRING_ENABLE), as a frontend
+    /// does for the queues the guest uses from the start.
     pub fn start_queue(&mut self, q: usize) {
+        self.set_up_queue(q);
+        self.frontend.set_vring_enable(q, true).unwrap();
+    }
+
+    /// Sets queue `q` up (size, addresses, base, call and kick eventfds)
+    /// without enabling it: with VHOST_USER_F_PROTOCOL_FEATURES the backend
+    /// leaves it alone until SET_VRING_ENABLE, as virtio-net's pairs beyond
+    /// the first before the guest asks for them.
+    pub fn set_up_queue(&mut self, q: usize) {
         let base = RING_STRIDE * q as u64;
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let call = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -175,7 +186,6 @@ impl Guest {
         self.frontend.set_vring_base(q, 0).unwrap();
         self.frontend.set_vring_call(q, &call).unwrap();
         self.frontend.set_vring_kick(q, &kick).unwrap();
-        self.frontend.set_vring_enable(q, true).unwrap();
         let queue = Queue {
             base,
             kick,

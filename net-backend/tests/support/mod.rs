@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -17,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ringvm_backend::test_support::{wait_readable, BackendProcess};
-pub use ringvm_backend::test_support::{Desc, Guest, TIMEOUT};
+pub use ringvm_backend::test_support::{Desc, Guest, QUEUE_SIZE, TIMEOUT};
 
 /// A network namespace of the test's own, deleted on drop: the host's
 /// interfaces are never touched.
@@ -232,6 +233,28 @@ impl Backend {
             process,
             dir,
             socket,
+        }
+    }
+}
+
+impl Backend {
+    /// Waits until counter `name` is at least `value` (SIGUSR1 dumps);
+    /// returns that dump. A pair's tap queue is attached asynchronously
+    /// after SET_VRING_ENABLE, so frames from the host wait for
+    /// `tap_attaches`.
+    pub fn wait_counter(&self, name: &str, value: u64) -> HashMap<String, u64> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let counters = self.dump_counters();
+            if counters[name] >= value {
+                return counters;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never reached {value}: {counters:?}\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(10));
         }
     }
 }

@@ -1,13 +1,20 @@
-//! `job=net-echo ip=A.B.C.D/prefix [port=N] [count=N] [time=SECONDS]`: drives
-//! the first virtio-net device (pair 0, polled) and answers ARP requests for
-//! `ip`, ICMP echo requests to it, and UDP datagrams to `port` (default 7,
-//! the echo service), echoed byte for byte. It stops after `count` answers or
-//! `time` (fio spellings: `10`, `500ms`, `2m`), whichever comes first, or
-//! runs until the VM is stopped, then prints
-//! `net-echo ok arp=N icmp=N udp=N dropped=N mac=MAC`. `dropped` counts
+//! `job=net-echo ip=A.B.C.D/prefix [port=N] [count=N] [time=SECONDS]
+//! [pairs=N]`: drives the first virtio-net device (polled) and answers ARP
+//! requests for `ip`, ICMP echo requests to it, and UDP datagrams to `port`
+//! (default 7, the echo service), echoed byte for byte. With multiqueue it
+//! turns on `pairs` queue pairs (default: all the device has; more than it
+//! has fails the job) through the control queue, and serves each: a frame
+//! received on a pair is answered on the same pair's transmit queue, so a
+//! flow stays on its pair. It stops after `count` answers or `time` (fio
+//! spellings: `10`, `500ms`, `2m`), whichever comes first, or runs until
+//! the VM is stopped, then prints
+//! `net-echo ok arp=N icmp=N udp=N dropped=N mac=MAC pairs=N rx_per_pair=A,B`,
+//! `rx_per_pair` being the frames received on each pair. `dropped` counts
 //! every frame not answered: malformed ones (truncated, bad checksum) and
 //! ones for another address, protocol or port.
 
+use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt;
 
 use super::params::Params;
@@ -65,6 +72,9 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
         .number_in("port", 1..=u64::from(u16::MAX))?
         .unwrap_or(DEFAULT_PORT) as u16;
     let count = params.number("count")?;
+    let pairs = params
+        .number_in("pairs", 1..=u64::from(u16::MAX))?
+        .map(|n| n as u16);
     let time_ms = params.ms("time")?;
     let rate = tsc::rate(boot.start_info.rsdp_paddr);
     let deadline = match (time_ms, rate) {
@@ -77,11 +87,13 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
         }
     };
 
-    let mut device = NetDevice::open(FRAME_MAX_BYTES).map_err(|e| failed(format_args!("{e}")))?;
+    let mut device =
+        NetDevice::open_pairs(FRAME_MAX_BYTES, pairs).map_err(|e| failed(format_args!("{e}")))?;
+    let pairs = device.pairs();
     let mac = device.config.mac;
     println!(
         "{NAME} ready ip={}.{}.{}.{}/{prefix} port={port} mac={} link={} mrg_rxbuf={} \
-         max_pairs={}",
+         max_pairs={} pairs={pairs}",
         ip[0],
         ip[1],
         ip[2],
@@ -109,6 +121,8 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
     let mut reply = alloc::vec![0u8; FRAME_MAX_BYTES];
     let mut counts = Counts::default();
     let mut reported = 0;
+    // The pair looked at next: one frame from each in turn.
+    let mut next = 0;
     loop {
         if count.is_some_and(|n| counts.answered() >= n) {
             break;
@@ -116,7 +130,9 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
         if deadline.is_some_and(|d| tsc::now() >= d) {
             break;
         }
-        let Some(received) = device.recv(&mut frame) else {
+        let pair = next;
+        next = (next + 1) % pairs;
+        let Some(received) = device.pair(pair).recv(&mut frame) else {
             core::hint::spin_loop();
             continue;
         };
@@ -127,7 +143,8 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
             Err(RxDrop::TooLarge) => ("larger than 64 KiB", true),
             Ok(len) => match netproto::answer(&iface, &frame[..len], &mut reply) {
                 Verdict::Reply { kind, len } => {
-                    match device.send(&reply[..len]) {
+                    // On the pair the request came on.
+                    match device.pair(pair).send(&reply[..len]) {
                         Ok(true) => {}
                         Ok(false) => {
                             return Err(failed(format_args!(
@@ -154,13 +171,17 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
             println!("{NAME} dropped a malformed frame: {why}");
         }
     }
+    let rx_per_pair: Vec<String> = (0..pairs)
+        .map(|p| alloc::format!("{}", device.pair(p).rx_packets))
+        .collect();
     println!(
-        "{NAME} ok arp={} icmp={} udp={} dropped={} mac={}",
+        "{NAME} ok arp={} icmp={} udp={} dropped={} mac={} pairs={pairs} rx_per_pair={}",
         counts.arp,
         counts.icmp,
         counts.udp,
         counts.dropped,
-        Mac(mac)
+        Mac(mac),
+        rx_per_pair.join(",")
     );
     Ok(())
 }

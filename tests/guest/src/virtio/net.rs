@@ -1,7 +1,8 @@
 //! virtio-net (virtio 1.2 5.1) over the modern PCI transport: feature
-//! negotiation, the config space (mac, status, max_virtqueue_pairs), and one
-//! receive/transmit queue pair driven by polling the used rings (interrupts
-//! stay suppressed, as with virtio-blk's completion=poll).
+//! negotiation, the config space (mac, status, max_virtqueue_pairs), the
+//! control queue, and receive/transmit queue pairs driven by polling the
+//! used rings (interrupts stay suppressed, as with virtio-blk's
+//! completion=poll).
 //!
 //! Buffers: receive queue entry `i` is descriptor `i`, one device-writable
 //! buffer of [`RX_BUFFER_BYTES`], posted at open and re-posted as soon as its
@@ -15,15 +16,22 @@
 //! Multiqueue: VIRTIO_NET_F_MQ requires VIRTIO_NET_F_CTRL_VQ (5.1.3.1), and a
 //! device starts with one pair; more pairs are only enabled by a
 //! VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET command on the control queue (5.1.6.5.5).
-//! The driver accepts MQ only with CTRL_VQ, reads max_virtqueue_pairs, and
-//! drives pair 0 (queues 0 and 1) without sending any command.
+//! The driver accepts MQ only with CTRL_VQ, and CTRL_VQ whenever offered.
+//! With MQ it sets up max_virtqueue_pairs (N) pairs, queues 2n (receive) and
+//! 2n + 1 (transmit), and the control queue at 2N (at 2 with CTRL_VQ alone,
+//! 5.1.2); it posts buffers on the pairs it uses only, and after DRIVER_OK
+//! sends VQ_PAIRS_SET with their number and checks the device's ack
+//! (VIRTIO_NET_OK; VIRTIO_NET_ERR fails the open). The device then steers
+//! each flow to one of those pairs' receive queues, and a flow stays on its
+//! pair when the driver answers on the same pair's transmit queue
+//! ([`NetDevice::pair`]).
 
 use alloc::vec::Vec;
 use core::fmt;
 use core::ptr;
 
 use super::pci::{VirtioPci, VirtioPciError};
-use super::queue::{Descriptor, SplitQueue, VIRTQ_DESC_F_WRITE};
+use super::queue::{Descriptor, SplitQueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use super::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX};
 use crate::heap::DmaBuf;
 use crate::pci::BarWindow;
@@ -37,11 +45,11 @@ pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
-/// Accepted whenever offered (MQ and CTRL_VQ only together, see the module
-/// doc).
+/// Accepted whenever offered (MQ only with CTRL_VQ, see the module doc).
 const FEATURES_WANTED: u64 = VIRTIO_NET_F_MAC
     | VIRTIO_NET_F_MRG_RXBUF
     | VIRTIO_NET_F_STATUS
+    | VIRTIO_NET_F_CTRL_VQ
     | VIRTIO_F_EVENT_IDX
     | VIRTIO_F_ACCESS_PLATFORM;
 
@@ -71,8 +79,30 @@ pub const RX_BUFFER_BYTES: usize = 2048;
 /// Entries of each queue (less if the device's maximum is smaller): enough
 /// receive buffers to absorb a burst from the host while the job answers.
 const QUEUE_ENTRIES: u16 = 256;
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
+/// The most pairs a device may have (5.1.4: max_virtqueue_pairs is 1 to
+/// 0x8000).
+const MAX_PAIRS: u16 = 0x8000;
+
+// The control queue (5.1.6.5): class, command, data, then the ack the
+// device writes.
+const VIRTIO_NET_CTRL_MQ: u8 = 4;
+const VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const VIRTIO_NET_OK: u8 = 0;
+const VIRTIO_NET_ERR: u8 = 1;
+/// Entries of the control queue: one command at a time.
+const CTRL_QUEUE_ENTRIES: u16 = 4;
+/// The command buffer: class and command at 0, data at
+/// [`CTRL_DATA_OFFSET`], the ack at [`CTRL_ACK_OFFSET`] (written by the
+/// device, so in a descriptor of its own).
+const CTRL_BUFFER_BYTES: usize = 64;
+const CTRL_DATA_OFFSET: usize = 2;
+const CTRL_ACK_OFFSET: usize = 32;
+/// The ack byte before the device answers: neither OK nor ERR.
+const CTRL_ACK_UNSET: u8 = 0xff;
+/// Polls of the control queue's used ring before giving up on an answer:
+/// far more than a device takes (QEMU answers within the notify write;
+/// a vhost-user frontend after a round trip to its backend).
+const CTRL_ANSWER_SPINS: u64 = 1 << 30;
 /// Attempts of [`NetDevice::send`] to find a free transmit buffer before it
 /// gives up on the frame (the device is not consuming the queue).
 const TX_FULL_SPINS: u32 = 1 << 24;
@@ -82,8 +112,37 @@ pub enum NetError {
     Transport(VirtioPciError),
     NoDeviceConfig,
     UnstableConfig,
-    FrameTooLarge { len: usize, max: usize },
+    FrameTooLarge {
+        len: usize,
+        max: usize,
+    },
     OutOfMemory(&'static str),
+    /// max_virtqueue_pairs outside 1..=0x8000 with MQ negotiated.
+    BadMaxPairs(u16),
+    /// The caller asked for more pairs than the device has (or none).
+    PairsUnavailable {
+        wanted: u16,
+        max: u16,
+    },
+    /// The device has fewer queues than its pairs and control queue need.
+    TooFewQueues {
+        needed: u32,
+        has: u16,
+    },
+    /// The device answered a control command with VIRTIO_NET_ERR.
+    CtrlRejected {
+        command: &'static str,
+    },
+    /// Neither VIRTIO_NET_OK nor VIRTIO_NET_ERR in the ack byte.
+    CtrlBadAck {
+        command: &'static str,
+        ack: u8,
+        used_len: u32,
+    },
+    /// The device did not return the command.
+    CtrlNoAnswer {
+        command: &'static str,
+    },
 }
 
 impl From<VirtioPciError> for NetError {
@@ -103,6 +162,35 @@ impl fmt::Display for NetError {
                 write!(f, "frame of {len} bytes, transmit buffers hold {max}")
             }
             NetError::OutOfMemory(what) => write!(f, "out of memory for {what}"),
+            NetError::BadMaxPairs(n) => write!(
+                f,
+                "virtio-net config says max_virtqueue_pairs={n}, outside 1..={MAX_PAIRS}"
+            ),
+            NetError::PairsUnavailable { wanted, max } => {
+                write!(f, "pairs={wanted} asked for, the device has 1 to {max}")
+            }
+            NetError::TooFewQueues { needed, has } => write!(
+                f,
+                "virtio-net device has {has} queues, its pairs and control queue need {needed}"
+            ),
+            NetError::CtrlRejected { command } => {
+                write!(f, "the device answered {command} with VIRTIO_NET_ERR")
+            }
+            NetError::CtrlBadAck {
+                command,
+                ack,
+                used_len,
+            } => write!(
+                f,
+                "the device answered {command} with ack {ack:#x} (used length {used_len}), \
+                 neither VIRTIO_NET_OK nor VIRTIO_NET_ERR"
+            ),
+            NetError::CtrlNoAnswer { command } => {
+                write!(
+                    f,
+                    "the device never returned {command} on the control queue"
+                )
+            }
         }
     }
 }
@@ -142,14 +230,9 @@ pub enum RxDrop {
     TooLarge,
 }
 
-/// What [`set_up`] builds: config, receive queue and buffers, transmit
-/// queue and buffers.
-type QueuePair = (NetConfig, SplitQueue, Vec<DmaBuf>, SplitQueue, Vec<DmaBuf>);
-
-pub struct NetDevice {
-    transport: VirtioPci,
-    pub features: u64,
-    pub config: NetConfig,
+/// One receive/transmit queue pair the driver uses, with its buffers.
+pub struct QueuePair {
+    features: u64,
     rx: SplitQueue,
     rx_buffers: Vec<DmaBuf>,
     tx: SplitQueue,
@@ -161,43 +244,76 @@ pub struct NetDevice {
     pub tx_packets: u64,
 }
 
+/// The control queue and its one command buffer.
+struct ControlQueue {
+    queue: SplitQueue,
+    buffer: DmaBuf,
+}
+
+pub struct NetDevice {
+    transport: VirtioPci,
+    pub features: u64,
+    pub config: NetConfig,
+    /// The pairs in use: the device's first `pairs.len()`.
+    pairs: Vec<QueuePair>,
+    /// The queues of the device's other pairs: set up, never given buffers
+    /// (kept because the device knows their rings).
+    _idle: Vec<SplitQueue>,
+    ctrl: Option<ControlQueue>,
+}
+
 impl NetDevice {
     /// Finds the first virtio-net device on bus 0 and initializes it (3.1.1
-    /// up to DRIVER_OK), with every receive buffer posted. `tx_frame_bytes`:
-    /// the largest frame [`send`](Self::send) must take.
+    /// up to DRIVER_OK) with one queue pair, every receive buffer posted.
+    /// `tx_frame_bytes`: the largest frame [`send`](Self::send) must take.
     pub fn open(tx_frame_bytes: usize) -> Result<NetDevice, NetError> {
+        Self::open_pairs(tx_frame_bytes, Some(1))
+    }
+
+    /// [`open`](Self::open) with `pairs` queue pairs (`None`: all the
+    /// device has), turned on with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET when MQ
+    /// is negotiated; more than one needs MQ.
+    pub fn open_pairs(tx_frame_bytes: usize, pairs: Option<u16>) -> Result<NetDevice, NetError> {
         let function = super::pci::find(VIRTIO_NET_PCI_DEVICE_IDS).ok_or(NetError::NotFound)?;
         let transport = VirtioPci::open(function, &mut BarWindow::default())?;
-        let mut features =
-            transport.negotiate(FEATURES_WANTED | VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ)?;
+        let mut features = transport.negotiate(FEATURES_WANTED | VIRTIO_NET_F_MQ)?;
         if features & VIRTIO_NET_F_MQ != 0 && features & VIRTIO_NET_F_CTRL_VQ == 0 {
             // A device offering MQ without CTRL_VQ breaks 5.1.3.1, and the
             // driver must not accept it: start over (negotiate resets).
             features = transport.negotiate(FEATURES_WANTED)?;
         }
-        match set_up(&transport, features, tx_frame_bytes) {
-            Ok(parts) => {
-                transport.driver_ok();
-                let (config, mut rx, rx_buffers, tx, tx_buffers) = parts;
-                rx.publish();
-                Ok(NetDevice {
-                    transport,
-                    features,
-                    config,
-                    tx_free: (0..tx.size()).rev().collect(),
-                    rx,
-                    rx_buffers,
-                    tx,
-                    tx_buffers,
-                    rx_packets: 0,
-                    tx_packets: 0,
-                })
-            }
+        let mut device = match set_up(&transport, features, tx_frame_bytes, pairs) {
+            Ok((config, pairs, idle, ctrl)) => NetDevice {
+                transport,
+                features,
+                config,
+                pairs,
+                _idle: idle,
+                ctrl,
+            },
             Err(e) => {
                 transport.fail();
-                Err(e)
+                return Err(e);
+            }
+        };
+        device.transport.driver_ok();
+        for pair in &mut device.pairs {
+            pair.rx.publish();
+        }
+        if device.has(VIRTIO_NET_F_MQ) {
+            let pairs = device.pairs.len() as u16;
+            let answer = device.ctrl_command(
+                "VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET",
+                VIRTIO_NET_CTRL_MQ,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                &pairs.to_le_bytes(),
+            );
+            if let Err(e) = answer {
+                device.transport.fail();
+                return Err(e);
             }
         }
+        Ok(device)
     }
 
     pub fn has(&self, feature: u64) -> bool {
@@ -207,6 +323,119 @@ impl NetDevice {
     /// The device status register (for reports).
     pub fn device_status(&self) -> u8 {
         self.transport.status()
+    }
+
+    /// The queue pairs in use.
+    pub fn pairs(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Queue pair `i` (below [`pairs`](Self::pairs)).
+    pub fn pair(&mut self, i: usize) -> &mut QueuePair {
+        &mut self.pairs[i]
+    }
+
+    /// [`QueuePair::recv`] on pair 0.
+    pub fn recv(&mut self, frame: &mut [u8]) -> Option<Result<usize, RxDrop>> {
+        self.pairs[0].recv(frame)
+    }
+
+    /// [`QueuePair::send`] on pair 0.
+    pub fn send(&mut self, frame: &[u8]) -> Result<bool, NetError> {
+        self.pairs[0].send(frame)
+    }
+
+    /// [`QueuePair::try_send`] on pair 0.
+    pub fn try_send(&mut self, frame: &[u8]) -> Result<bool, NetError> {
+        self.pairs[0].try_send(frame)
+    }
+
+    /// Notify writes done on every queue.
+    pub fn notifies(&self) -> u64 {
+        let data: u64 = self
+            .pairs
+            .iter()
+            .map(|p| p.rx.notifies + p.tx.notifies)
+            .sum();
+        data + self.ctrl.as_ref().map_or(0, |c| c.queue.notifies)
+    }
+
+    /// Queue sizes of pair 0 (receive, transmit).
+    pub fn queue_sizes(&self) -> (u16, u16) {
+        (self.pairs[0].rx.size(), self.pairs[0].tx.size())
+    }
+
+    /// Sends one command on the control queue (5.1.6.5) and waits for the
+    /// device's ack: Ok for VIRTIO_NET_OK. `name` names the command in
+    /// errors.
+    fn ctrl_command(
+        &mut self,
+        name: &'static str,
+        class: u8,
+        command: u8,
+        data: &[u8],
+    ) -> Result<(), NetError> {
+        let ctrl = self
+            .ctrl
+            .as_mut()
+            .ok_or(NetError::CtrlNoAnswer { command: name })?;
+        let paddr = ctrl.buffer.paddr();
+        // SAFETY: the device holds no chain pointing into the buffer: the
+        // previous command (if any) came back through the used ring.
+        let bytes = unsafe { ctrl.buffer.bytes_mut() };
+        bytes[0] = class;
+        bytes[1] = command;
+        bytes[CTRL_DATA_OFFSET..CTRL_DATA_OFFSET + data.len()].copy_from_slice(data);
+        bytes[CTRL_ACK_OFFSET] = CTRL_ACK_UNSET;
+        // As Linux lays a command out: header, data, ack, each in its own
+        // descriptor (a device must not assume any framing, 5.1.6.5).
+        let parts = [
+            (0, 2, VIRTQ_DESC_F_NEXT),
+            (CTRL_DATA_OFFSET, data.len(), VIRTQ_DESC_F_NEXT),
+            (CTRL_ACK_OFFSET, 1, VIRTQ_DESC_F_WRITE),
+        ];
+        for (i, &(offset, len, flags)) in parts.iter().enumerate() {
+            ctrl.queue.set_descriptor(
+                i as u16,
+                Descriptor {
+                    addr: paddr + offset as u64,
+                    len: len as u32,
+                    flags,
+                    next: i as u16 + 1,
+                },
+            );
+        }
+        ctrl.queue.push_avail(0);
+        ctrl.queue.publish();
+        let mut spins = 0u64;
+        let used = loop {
+            if let Some(used) = ctrl.queue.pop_used() {
+                break used;
+            }
+            spins += 1;
+            if spins == CTRL_ANSWER_SPINS {
+                return Err(NetError::CtrlNoAnswer { command: name });
+            }
+            core::hint::spin_loop();
+        };
+        // SAFETY: CTRL_ACK_OFFSET + 1 <= CTRL_BUFFER_BYTES (ptr_at checks);
+        // the device returned the chain, it writes the ack no more.
+        let ack = unsafe { ptr::read_volatile(ctrl.buffer.ptr_at::<u8>(CTRL_ACK_OFFSET)) };
+        match ack {
+            VIRTIO_NET_OK => Ok(()),
+            VIRTIO_NET_ERR => Err(NetError::CtrlRejected { command: name }),
+            ack => Err(NetError::CtrlBadAck {
+                command: name,
+                ack,
+                used_len: used.len,
+            }),
+        }
+    }
+}
+
+impl QueuePair {
+    fn has(&self, feature: u64) -> bool {
+        self.features & feature != 0
     }
 
     /// The next received frame (without its virtio header), copied into
@@ -371,31 +600,85 @@ impl NetDevice {
         self.tx_packets += 1;
         Ok(true)
     }
-
-    /// Notify writes done on both queues.
-    pub fn notifies(&self) -> u64 {
-        self.rx.notifies + self.tx.notifies
-    }
-
-    /// Queue sizes (receive, transmit).
-    pub fn queue_sizes(&self) -> (u16, u16) {
-        (self.rx.size(), self.tx.size())
-    }
 }
 
-/// Between FEATURES_OK and DRIVER_OK: reads the config and sets up queue
-/// pair 0 with its buffers (the receive buffers pushed, not yet published).
+/// What [`set_up`] builds: the config, the pairs in use, the queues of the
+/// others, the control queue.
+type Parts = (
+    NetConfig,
+    Vec<QueuePair>,
+    Vec<SplitQueue>,
+    Option<ControlQueue>,
+);
+
+/// Between FEATURES_OK and DRIVER_OK: reads the config and sets up every
+/// queue pair the device has, with buffers for the first `pairs` (`None`:
+/// all; the receive buffers pushed, not yet published), and the control
+/// queue.
 fn set_up(
     transport: &VirtioPci,
     features: u64,
     tx_frame_bytes: usize,
-) -> Result<QueuePair, NetError> {
+    pairs: Option<u16>,
+) -> Result<Parts, NetError> {
     let config = read_config(transport, features)?;
+    let max_pairs = if features & VIRTIO_NET_F_MQ != 0 {
+        if !(1..=MAX_PAIRS).contains(&config.max_virtqueue_pairs) {
+            return Err(NetError::BadMaxPairs(config.max_virtqueue_pairs));
+        }
+        config.max_virtqueue_pairs
+    } else {
+        1
+    };
+    let used_pairs = pairs.unwrap_or(max_pairs);
+    if used_pairs == 0 || used_pairs > max_pairs {
+        return Err(NetError::PairsUnavailable {
+            wanted: used_pairs,
+            max: max_pairs,
+        });
+    }
+    let ctrl_index = 2 * u32::from(max_pairs);
+    let needed = ctrl_index + u32::from(features & VIRTIO_NET_F_CTRL_VQ != 0);
+    if u32::from(transport.num_queues()) < needed {
+        return Err(NetError::TooFewQueues {
+            needed,
+            has: transport.num_queues(),
+        });
+    }
     // No interrupts: every queue vector is VIRTIO_MSI_NO_VECTOR.
     transport.enable_msix(&[]);
     let event_idx = features & VIRTIO_F_EVENT_IDX != 0;
-    let mut rx = transport.setup_queue(RX_QUEUE, QUEUE_ENTRIES, None, event_idx)?;
-    let tx = transport.setup_queue(TX_QUEUE, QUEUE_ENTRIES, None, event_idx)?;
+    let mut used = Vec::with_capacity(usize::from(used_pairs));
+    let mut idle = Vec::new();
+    for pair in 0..max_pairs {
+        let rx = transport.setup_queue(2 * pair, QUEUE_ENTRIES, None, event_idx)?;
+        let tx = transport.setup_queue(2 * pair + 1, QUEUE_ENTRIES, None, event_idx)?;
+        if pair < used_pairs {
+            used.push(set_up_pair(features, rx, tx, tx_frame_bytes)?);
+        } else {
+            idle.extend([rx, tx]);
+        }
+    }
+    let ctrl = if features & VIRTIO_NET_F_CTRL_VQ != 0 {
+        let index = u16::try_from(ctrl_index).expect("below num_queues (checked), a u16");
+        Some(ControlQueue {
+            queue: transport.setup_queue(index, CTRL_QUEUE_ENTRIES, None, event_idx)?,
+            buffer: DmaBuf::alloc(CTRL_BUFFER_BYTES)
+                .ok_or(NetError::OutOfMemory("the control queue's buffer"))?,
+        })
+    } else {
+        None
+    };
+    Ok((config, used, idle, ctrl))
+}
+
+/// A pair with its buffers: every receive buffer pushed (not published).
+fn set_up_pair(
+    features: u64,
+    mut rx: SplitQueue,
+    tx: SplitQueue,
+    tx_frame_bytes: usize,
+) -> Result<QueuePair, NetError> {
     let mut rx_buffers = Vec::with_capacity(usize::from(rx.size()));
     for i in 0..rx.size() {
         let buffer = DmaBuf::alloc(RX_BUFFER_BYTES).ok_or(NetError::OutOfMemory("RX buffers"))?;
@@ -418,7 +701,16 @@ fn set_up(
                 .ok_or(NetError::OutOfMemory("TX buffers"))?,
         );
     }
-    Ok((config, rx, rx_buffers, tx, tx_buffers))
+    Ok(QueuePair {
+        features,
+        tx_free: (0..tx.size()).rev().collect(),
+        rx,
+        rx_buffers,
+        tx,
+        tx_buffers,
+        rx_packets: 0,
+        tx_packets: 0,
+    })
 }
 
 /// The device config, read until config_generation is stable around it.
