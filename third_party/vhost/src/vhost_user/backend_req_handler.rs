@@ -392,6 +392,9 @@ pub struct BackendReqHandler<S: VhostUserBackendReqHandler> {
     // (QEMU's vhost-user-net sends them then), by ring index, applied when
     // SET_FEATURES acks VHOST_USER_F_PROTOCOL_FEATURES.
     early_vring_enables: Vec<(u32, bool)>,
+    // ringvm patch: regions added with ADD_MEM_REG, by (guest address,
+    // size, frontend address), and how many times each was added.
+    added_regions: Vec<((u64, u64, u64), u32)>,
     // postcopy state reached through the POSTCOPY_* requests
     #[cfg(feature = "postcopy")]
     postcopy_state: PostcopyState,
@@ -413,6 +416,7 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             acked_protocol_features: 0,
             reply_ack_enabled: false,
             early_vring_enables: Vec::new(),
+            added_regions: Vec::new(),
             #[cfg(feature = "postcopy")]
             postcopy_state: PostcopyState::Inactive,
             error: None,
@@ -539,6 +543,8 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 self.send_ack_message(&hdr, res)?;
             }
             Ok(FrontendReq::SET_MEM_TABLE) => {
+                // ringvm patch: the table replaces every added region.
+                self.added_regions.clear();
                 #[cfg(feature = "postcopy")]
                 if self.postcopy_state == PostcopyState::Listen
                     && size == mem::size_of::<VhostUserU64>()
@@ -750,6 +756,24 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 }
                 let msg =
                     self.extract_request_body::<VhostUserSingleMemoryRegion>(&hdr, size, &buf)?;
+                // ringvm patch: QEMU 7.2's vhost-user-net sends the memory
+                // table once per queue pair over the one connection, so
+                // ADD_MEM_REG of a region that is there already, identical,
+                // comes for every pair after the first (later QEMUs send it
+                // once). It is counted and acknowledged; REM_MEM_REG removes
+                // the region when it was removed as often as added.
+                let key = (msg.guest_phys_addr, msg.memory_size, msg.user_addr);
+                #[cfg(feature = "postcopy")]
+                let listening = self.postcopy_state == PostcopyState::Listen;
+                #[cfg(not(feature = "postcopy"))]
+                let listening = false;
+                if !listening {
+                    if let Some((_, count)) = self.added_regions.iter_mut().find(|(k, _)| *k == key) {
+                        *count = count.saturating_add(1);
+                        self.send_ack_message(&hdr, Ok(()))?;
+                        return Ok(());
+                    }
+                }
                 let res = self.backend.add_mem_region(
                     &msg,
                     files.swap_remove(0),
@@ -778,6 +802,9 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                     }
                     return Ok(());
                 }
+                if res.is_ok() {
+                    self.added_regions.push((key, 1));
+                }
                 self.send_ack_message(&hdr, res.map(|_| ()))?;
             }
             // QEMU acks a batch with the code of its last message.
@@ -798,7 +825,20 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
 
                 let msg =
                     self.extract_request_body::<VhostUserSingleMemoryRegion>(&hdr, size, &buf)?;
+                // ringvm patch: see ADD_MEM_REG.
+                let key = (msg.guest_phys_addr, msg.memory_size, msg.user_addr);
+                let added = self.added_regions.iter().position(|(k, _)| *k == key);
+                if let Some(i) = added {
+                    if self.added_regions[i].1 > 1 {
+                        self.added_regions[i].1 -= 1;
+                        self.send_ack_message(&hdr, Ok(()))?;
+                        return Ok(());
+                    }
+                }
                 let res = self.backend.remove_mem_region(&msg);
+                if let (Ok(()), Some(i)) = (&res, added) {
+                    self.added_regions.swap_remove(i);
+                }
                 self.send_ack_message(&hdr, res)?;
             }
             Ok(FrontendReq::SET_DEVICE_STATE_FD) => {
