@@ -639,7 +639,10 @@ RINGVM-L1: job-status 0\r
         };
         assert!(at("ip tuntap add dev rvtap0 mode tap multi_queue") < at("iperf3 -s -1"));
         assert!(at("ip addr add 10.77.0.1/24 dev rvtap0") < at("iperf3 -s -1"));
-        assert!(at("iperf3 -s -1 -B 10.77.0.1 > \"$work/iperf3.log\"") < at("/target/ringvm-net"));
+        assert!(
+            at("iperf3 -s -1 --forceflush -B 10.77.0.1 > \"$work/iperf3.log\"")
+                < at("/target/ringvm-net")
+        );
         assert!(
             at("/target/ringvm-net --tap rvtap0 > \"$work/net-backend.log\"") < at("vmm-start")
         );

@@ -15,6 +15,14 @@
 //! [`OUTPUT_MARKER`], prints `RINGVM-RESULT: status=<N>` and then powers off
 //! or reboots (`ringvm.end=`, [`EndAction`]), both forced.
 //!
+//! # Devices
+//!
+//! A run may have a disk ([`DiskSpec`]: an image served by ringvm-blk) and a
+//! NIC ([`NetSpec`]: a tap served by ringvm-net, with an iperf3 server on the
+//! tap's address if asked), each started next to the VMM before it and
+//! reported on after it ([`LinuxRun::disk`], [`LinuxRun::net`]). In direct
+//! mode the tap lives in a network namespace the run makes and deletes.
+//!
 //! # Where the VMM runs
 //!
 //! A stock kernel needs hardware virtualization. [`HostMode::choose`] picks:
@@ -367,12 +375,15 @@ impl NetSpec {
         ])
     }
 
-    /// The iperf3 server's command line: one test, on the tap's address.
+    /// The iperf3 server's command line: one test, on the tap's address,
+    /// its output flushed as it goes (a server killed for want of a client
+    /// still shows that it listened).
     pub(crate) fn iperf3_server_argv() -> Vec<String> {
         vec![
             "iperf3".into(),
             "-s".into(),
             "-1".into(),
+            "--forceflush".into(),
             "-B".into(),
             netns::HOST_IP.to_string(),
         ]
