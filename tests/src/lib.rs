@@ -4,3 +4,4 @@ pub mod blk_pattern;
 pub mod guest;
 pub mod harness;
 pub mod linux;
+pub mod netns;

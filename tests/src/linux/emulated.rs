@@ -11,6 +11,9 @@
 //! RINGVM-L2 <uptime>|<a line of the VMM's stdout, the guest console>
 //! RINGVM-L1: vmm-exit <status> <uptime>
 //! RINGVM-L2ERR <a line of the VMM's stderr>
+//! RINGVM-BACKEND <a line of ringvm-blk's log>       (with a disk)
+//! RINGVM-NET <a line of ringvm-net's log>           (with a NIC)
+//! RINGVM-IPERF3 <a line of the iperf3 server's output>
 //! ```
 //!
 //! Every other line is L1's own console (its init's messages, kernel errors).
@@ -24,9 +27,10 @@ use std::time::{Duration, Instant};
 
 use super::{
     shell_quote, shell_words, DiskReport, DiskSpec, HostMode, L1Report, LinuxHost, LinuxRun,
-    RunSpec, DISK_SOCKET, INIT_MARKER, L1_BOOT_BUDGET,
+    NetReport, NetSpec, RunSpec, DISK_SOCKET, INIT_MARKER, L1_BOOT_BUDGET, NET_SOCKET,
 };
 use crate::harness::{command_line, run_bounded, ExitOutcome};
+use crate::netns;
 
 /// vCPUs of L1. TCG runs one host thread per vCPU (`thread=multi`); the CI
 /// machines have 2 cores.
@@ -51,6 +55,35 @@ const L2_PREFIX: &str = "RINGVM-L2 ";
 const L2_STDERR_PREFIX: &str = "RINGVM-L2ERR ";
 const BACKEND_PREFIX: &str = "RINGVM-BACKEND ";
 const CHECK_PREFIX: &str = "RINGVM-CHECK ";
+const NET_PREFIX: &str = "RINGVM-NET ";
+const IPERF3_PREFIX: &str = "RINGVM-IPERF3 ";
+/// How long ringvm-net may take to exit after the VMM did (it ends when its
+/// frontend disconnects), and the iperf3 server (it ends after its one
+/// test); then they are killed.
+const NET_BACKEND_GRACE_SECS: u32 = 20;
+const IPERF3_GRACE_SECS: u32 = 5;
+/// A shell function for the job script.
+const REAP_WITHIN_SH: &str = r#"# Waits up to $2 seconds for background job $1 to end, else kills it;
+# sets $reaped to its exit status, or "killed". A zombie counts as ended (the
+# shell reaps it only in wait). Not in a $(...): wait needs this shell.
+reap_within() {
+    n=0
+    while [ $n -lt $(($2 * 10)) ]; do
+        state=$(sed -n 's/^.*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null)
+        [ -z "$state" ] || [ "$state" = Z ] && break
+        sleep 0.1
+        n=$((n+1))
+    done
+    if [ $n -ge $(($2 * 10)) ]; then
+        kill -9 "$1" 2>/dev/null
+        wait "$1"
+        reaped=killed
+    else
+        wait "$1"
+        reaped=$?
+    fi
+}"#;
+
 /// GNU timeout's status when the command timed out.
 const TIMEOUT_STATUS: i32 = 124;
 
@@ -79,8 +112,15 @@ pub(super) fn run(
         Some(disk) => Some((disk, LinuxHost::backend_argv(disk, work)?)),
         None => None,
     };
+    let net = match spec.net {
+        Some(net) => Some((net, NetSpec::backend_argv(work)?)),
+        None => None,
+    };
     let job = run_dir.join("l1-job.sh");
-    fs::write(&job, job_script(work, vmm_argv, backend.as_ref(), timeout))?;
+    fs::write(
+        &job,
+        job_script(work, vmm_argv, backend.as_ref(), net.as_ref(), timeout),
+    )?;
     let job = cmdline_path(&job)?;
     let work_str = cmdline_path(work)?;
 
@@ -135,6 +175,7 @@ pub(super) fn run(
         backend_status: framed.backend_status,
         backend_log: framed.backend_log,
         disk: spec.disk.map(|_| framed.disk),
+        net: spec.net.map(|_| framed.net),
         wall: started.elapsed(),
     })
 }
@@ -157,11 +198,13 @@ fn cmdline_path(path: &Path) -> io::Result<String> {
 }
 
 /// The script L1 runs in the host root: starts the VMM bounded by `timeout`
-/// in the tmpfs work directory and frames its output.
+/// in the tmpfs work directory and frames its output. With `net`, a tap on
+/// L1 with ringvm-net (its argv) on it, and the iperf3 server if asked.
 fn job_script(
     work: &Path,
     vmm_argv: &[String],
     backend: Option<&(DiskSpec, Vec<String>)>,
+    net: Option<&(NetSpec, Vec<String>)>,
     timeout: Duration,
 ) -> String {
     let mut script = String::from(
@@ -194,6 +237,36 @@ while [ ! -S "$work/{DISK_SOCKET}" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1))
 "#,
             create = shell_words(&disk.create_argv(work_path)),
             blk = shell_words(argv),
+        )
+        .expect("writing to a String");
+    }
+    if let Some((spec, argv)) = net {
+        write!(
+            script,
+            r#"{REAP_WITHIN_SH}
+ip tuntap add dev {tap} mode tap multi_queue && ip addr add {host}/24 dev {tap} &&
+    ip link set {tap} up || echo "RINGVM-L1: error: setting up tap {tap} failed"
+"#,
+            tap = netns::TAP,
+            host = netns::HOST_IP,
+        )
+        .expect("writing to a String");
+        if spec.iperf3_server {
+            writeln!(
+                script,
+                "{} > \"$work/iperf3.log\" 2>&1 &\niperf=$!",
+                shell_words(&NetSpec::iperf3_server_argv())
+            )
+            .expect("writing to a String");
+        }
+        write!(
+            script,
+            r#"{net} > "$work/net-backend.log" 2>&1 &
+net=$!
+n=0
+while [ ! -S "$work/{NET_SOCKET}" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
+"#,
+            net = shell_words(argv),
         )
         .expect("writing to a String");
     }
@@ -250,6 +323,30 @@ done < "$work/check.log"
             .expect("writing to a String");
         }
     }
+    if let Some((spec, _)) = net {
+        write!(
+            script,
+            r#"reap_within $net {NET_BACKEND_GRACE_SECS}
+echo "RINGVM-L1: net-backend-exit $reaped"
+while IFS= read -r line || [ -n "$line" ]; do
+    printf 'RINGVM-NET %s\n' "$line"
+done < "$work/net-backend.log"
+"#
+        )
+        .expect("writing to a String");
+        if spec.iperf3_server {
+            write!(
+                script,
+                r#"reap_within $iperf {IPERF3_GRACE_SECS}
+echo "RINGVM-L1: iperf3-exit $reaped"
+while IFS= read -r line || [ -n "$line" ]; do
+    printf 'RINGVM-IPERF3 %s\n' "$line"
+done < "$work/iperf3.log"
+"#
+            )
+            .expect("writing to a String");
+        }
+    }
     script
 }
 
@@ -262,6 +359,7 @@ struct Framed {
     backend_log: String,
     backend_status: Option<i32>,
     disk: DiskReport,
+    net: NetReport,
     vmm_status: Option<ExitOutcome>,
     to_init: Option<Duration>,
     to_exit: Option<Duration>,
@@ -290,6 +388,16 @@ fn parse_console(stdout: &str) -> Framed {
             framed.backend_log.push('\n');
             continue;
         }
+        if let Some(text) = line.strip_prefix(NET_PREFIX) {
+            framed.net.backend_log.push_str(text);
+            framed.net.backend_log.push('\n');
+            continue;
+        }
+        if let Some(text) = line.strip_prefix(IPERF3_PREFIX) {
+            framed.net.iperf3_log.push_str(text);
+            framed.net.iperf3_log.push('\n');
+            continue;
+        }
         if let Some(text) = line.strip_prefix(CHECK_PREFIX) {
             framed.disk.check_output.push_str(text);
             framed.disk.check_output.push('\n');
@@ -314,6 +422,8 @@ fn parse_console(stdout: &str) -> Framed {
                 framed.to_exit = since(framed.vmm_start_uptime, uptime(up));
             }
             ["backend-exit", status] => framed.backend_status = status.parse().ok(),
+            ["net-backend-exit", status] => framed.net.backend_status = status.parse().ok(),
+            ["iperf3-exit", status] => framed.net.iperf3_status = status.parse().ok(),
             ["disk-allocated", bytes] => framed.disk.allocated_bytes = bytes.parse().ok(),
             ["disk-check", status] => framed.disk.check_status = status.parse().ok(),
             ["error:", ..] => framed
@@ -413,6 +523,7 @@ RINGVM-L1: job-status 0\r
             Path::new("/tmp/ringvm-l1-x/l1-tmp"),
             &argv,
             None,
+            None,
             Duration::from_secs(240),
         );
         assert!(!script.contains("backend"), "{script}");
@@ -432,6 +543,7 @@ RINGVM-L1: job-status 0\r
             Path::new("/tmp/ringvm-l1-x/l1-tmp"),
             &argv,
             Some(&blk),
+            None,
             Duration::from_secs(240),
         );
         assert!(
@@ -460,6 +572,7 @@ RINGVM-L1: job-status 0\r
             Path::new("/tmp/ringvm-l1-x/l1-tmp"),
             &argv,
             Some(&qcow2),
+            None,
             Duration::from_secs(240),
         );
         assert!(
@@ -496,6 +609,96 @@ RINGVM-L1: job-status 0\r
             ),
             "{script}"
         );
+    }
+
+    #[test]
+    fn job_script_sets_up_the_tap_before_the_vmm_and_reports_after() {
+        let argv = vec!["/target/ringvm".to_owned()];
+        let net = (
+            NetSpec {
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                iperf3_server: true,
+            },
+            vec![
+                "/target/ringvm-net".to_owned(),
+                "--tap".to_owned(),
+                "rvtap0".to_owned(),
+            ],
+        );
+        let script = job_script(
+            Path::new("/tmp/w"),
+            &argv,
+            None,
+            Some(&net),
+            Duration::from_secs(240),
+        );
+        let at = |needle: &str| {
+            script
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} missing\n{script}"))
+        };
+        assert!(at("ip tuntap add dev rvtap0 mode tap multi_queue") < at("iperf3 -s -1"));
+        assert!(at("ip addr add 10.77.0.1/24 dev rvtap0") < at("iperf3 -s -1"));
+        assert!(
+            at("iperf3 -s -1 --forceflush -B 10.77.0.1 > \"$work/iperf3.log\"")
+                < at("/target/ringvm-net")
+        );
+        assert!(
+            at("/target/ringvm-net --tap rvtap0 > \"$work/net-backend.log\"") < at("vmm-start")
+        );
+        assert!(at("vmm-exit") < at("reap_within $net 20"));
+        assert!(at("net-backend-exit") < at("reap_within $iperf 5"));
+        let without_server = job_script(
+            Path::new("/tmp/w"),
+            &argv,
+            None,
+            Some(&(
+                NetSpec {
+                    iperf3_server: false,
+                    ..net.0
+                },
+                net.1.clone(),
+            )),
+            Duration::from_secs(240),
+        );
+        assert!(!without_server.contains("iperf3"), "{without_server}");
+        assert!(
+            without_server.contains("net-backend-exit"),
+            "{without_server}"
+        );
+
+        let framed = parse_console(
+            "RINGVM-L1: vmm-exit 0 30.0\nRINGVM-L1: net-backend-exit 0\n\
+             RINGVM-NET INFO counters: tx_frames=3\nRINGVM-L1: iperf3-exit killed\n\
+             RINGVM-IPERF3 Server listening on 5201\n",
+        );
+        assert_eq!(
+            framed.net,
+            NetReport {
+                backend_status: Some(0),
+                backend_log: "INFO counters: tx_frames=3\n".to_owned(),
+                iperf3_status: None,
+                iperf3_log: "Server listening on 5201\n".to_owned(),
+            }
+        );
+        assert!(!framed.l1_console.contains("counters"), "{framed:?}");
+    }
+
+    #[test]
+    fn reap_within_reports_an_exit_or_kills_after_the_bound() {
+        let script = format!(
+            "{REAP_WITHIN_SH}\n\
+             sh -c 'exit 3' & reap_within $! 5; echo \"quick $reaped\"\n\
+             sleep 30 & reap_within $! 1; echo \"slow $reaped\"\n"
+        );
+        let started = std::time::Instant::now();
+        let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "quick 3\nslow killed\n",
+            "{out:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "{out:?}");
     }
 
     #[test]

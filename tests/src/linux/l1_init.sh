@@ -10,7 +10,9 @@
 #   3. runs the job script ringvm.l1job= (a path on the host) with the host's
 #      /bin/sh, chrooted into the host root: every host binary and library is
 #      there at its usual path;
-#   4. powers off (QEMU runs with -no-reboot, so a panic ends it too).
+#   4. waits until the serial console has sent everything (the job's last
+#      lines carry the VMM's status and the backends' logs) and powers off
+#      (QEMU runs with -no-reboot, so a panic ends it too).
 # Lines starting with "RINGVM-L1: " are for the harness; times are L1
 # uptimes in seconds.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -18,12 +20,26 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
+# Waits until the serial console has sent what was written to it: poweroff
+# -f does not, and the last lines could be lost in the UART's buffer. busybox
+# stty applies a changed setting with tcsetattr(TCSADRAIN), which returns
+# only once the buffer is empty and the transmitter idle; toggling echoprt
+# (nothing reads the console here) makes it apply at least once. Bounded;
+# where stty cannot, sync and a short sleep instead.
+drain_console() {
+    if ! { timeout 10 stty -F /dev/console echoprt &&
+        timeout 10 stty -F /dev/console -echoprt; } 2>/dev/null; then
+        sync
+        sleep 1
+    fi
+}
 stamp() {
     read -r up _ < /proc/uptime
     echo "RINGVM-L1: $1 $up"
 }
 fail() {
     echo "RINGVM-L1: error: $*"
+    drain_console
     poweroff -f
     exit 1
 }
@@ -59,4 +75,5 @@ stamp ready
 chroot /hostroot /bin/sh "$job" < /dev/null
 echo "RINGVM-L1: job-status $?"
 stamp done
+drain_console
 poweroff -f

@@ -8,7 +8,8 @@
 #   3. decodes the command from the base64 word ringvm.cmd= of the kernel
 #      command line, prints RINGVM-OUTPUT-BEGIN, runs it with sh and prints
 #      RINGVM-RESULT: status=<its exit status>;
-#   4. ends as ringvm.end= says: poweroff (default) or reboot, forced.
+#   4. waits until the serial console has sent everything, then ends as
+#      ringvm.end= says: poweroff (default) or reboot, forced.
 echo RINGVM-INIT
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
@@ -30,11 +31,27 @@ for word in $(cat /proc/cmdline); do
 done
 set +f
 
+# Waits until the serial console has sent what was written to it: reboot -f
+# and poweroff -f do not, and under load the last lines (the result line)
+# were lost with the bytes still in the UART's buffer. busybox stty applies a
+# changed setting with tcsetattr(TCSADRAIN), which returns only once the
+# buffer is empty and the transmitter idle; toggling echoprt (nothing reads
+# the console here) makes it apply at least once. Bounded; where stty cannot,
+# sync and a short sleep instead.
+drain_console() {
+    if ! { timeout 10 stty -F /dev/console echoprt &&
+        timeout 10 stty -F /dev/console -echoprt; } 2>/dev/null; then
+        sync
+        sleep 1
+    fi
+}
+
 finish() {
+    drain_console
     case "$end" in
         reboot) reboot -f ;;
         poweroff) poweroff -f ;;
-        *) echo "RINGVM-INIT: unknown ringvm.end=$end, powering off"; poweroff -f ;;
+        *) echo "RINGVM-INIT: unknown ringvm.end=$end, powering off"; drain_console; poweroff -f ;;
     esac
     echo "RINGVM-INIT: $end -f failed"
     exit 1

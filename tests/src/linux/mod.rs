@@ -15,6 +15,14 @@
 //! [`OUTPUT_MARKER`], prints `RINGVM-RESULT: status=<N>` and then powers off
 //! or reboots (`ringvm.end=`, [`EndAction`]), both forced.
 //!
+//! # Devices
+//!
+//! A run may have a disk ([`DiskSpec`]: an image served by ringvm-blk) and a
+//! NIC ([`NetSpec`]: a tap served by ringvm-net, with an iperf3 server on the
+//! tap's address if asked), each started next to the VMM before it and
+//! reported on after it ([`LinuxRun::disk`], [`LinuxRun::net`]). In direct
+//! mode the tap lives in a network namespace the run makes and deletes.
+//!
 //! # Where the VMM runs
 //!
 //! A stock kernel needs hardware virtualization. [`HostMode::choose`] picks:
@@ -58,10 +66,11 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::harness::{self, run_bounded, ExitOutcome};
+use crate::netns;
 
 pub use host::{HostChoice, HostMode, HOST_ENV};
 use initramfs::{Initramfs, InitramfsError, InitramfsSpec};
@@ -78,9 +87,9 @@ pub const CACHE_ENV: &str = "RINGVM_LINUX_CACHE";
 
 /// Modules the guest loads at boot (their dependencies come along).
 pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net"];
-/// Modules the emulated host loads: KVM on emulated SVM, and the 9p client
-/// over virtio-pci for the host root.
-pub const L1_MODULES: &[&str] = &["kvm_amd", "9p", "9pnet_virtio", "virtio_pci"];
+/// Modules the emulated host loads: KVM on emulated SVM, the 9p client over
+/// virtio-pci for the host root, and tun for the guest's tap ([`NetSpec`]).
+pub const L1_MODULES: &[&str] = &["kvm_amd", "9p", "9pnet_virtio", "virtio_pci", "tun"];
 /// Programs copied into the guest's initramfs with their libraries.
 pub const GUEST_PROGRAMS: &[&str] = &["fio", "iperf3"];
 
@@ -322,10 +331,77 @@ pub struct DiskReport {
 
 /// File names of the disk in the run's work directory.
 pub(crate) const DISK_SOCKET: &str = "blk.sock";
+/// ringvm-net's socket in the run's work directory.
+pub(crate) const NET_SOCKET: &str = "net.sock";
 /// Bound on creating and checking a disk image (qemu-img, truncate).
 const DISK_TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the backend may take to create its socket.
 const BACKEND_SOCKET_WAIT: Duration = Duration::from_secs(30);
+
+/// A virtio-net device: a multi-queue tap named [`netns::TAP`] on the host
+/// (L1 in emulated mode; in direct mode inside a network namespace the run
+/// makes, never beside the host's own interfaces), addressed
+/// [`netns::HOST_IP`]/24 and up, served by `ringvm-net` on `net.sock` in
+/// the run's work directory and attached with `--net socket=...,mac=...`.
+/// The guest sees it as eth0 with `mac`; [`netns::GUEST_IP`] is the address
+/// meant for it. With `iperf3_server`, `iperf3 -s -1 -B <HOST_IP>` serves
+/// one test on the tap's address during the run. [`LinuxRun::net`] reports
+/// on both after the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    pub mac: [u8; 6],
+    pub iperf3_server: bool,
+}
+
+impl NetSpec {
+    /// The MAC as ringvm's `mac=` and Linux's sysfs spell it.
+    pub fn mac_text(&self) -> String {
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// The ringvm-net command line (run in the tap's namespace).
+    pub(crate) fn backend_argv(work: &Path) -> io::Result<Vec<String>> {
+        let net = harness::try_binary("ringvm-net")?;
+        Ok(vec![
+            net.to_string_lossy().into_owned(),
+            "--tap".into(),
+            netns::TAP.into(),
+            "--socket".into(),
+            work.join(NET_SOCKET).to_string_lossy().into_owned(),
+        ])
+    }
+
+    /// The iperf3 server's command line: one test, on the tap's address,
+    /// its output flushed as it goes (a server killed for want of a client
+    /// still shows that it listened).
+    pub(crate) fn iperf3_server_argv() -> Vec<String> {
+        vec![
+            "iperf3".into(),
+            "-s".into(),
+            "-1".into(),
+            "--forceflush".into(),
+            "-B".into(),
+            netns::HOST_IP.to_string(),
+        ]
+    }
+}
+
+/// ringvm-net and the iperf3 server after the run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetReport {
+    /// ringvm-net's exit status (`None`: it did not exit in time and was
+    /// killed, or never ran) and its log (stderr, with its counters).
+    pub backend_status: Option<i32>,
+    pub backend_log: String,
+    /// The iperf3 server's status (`None`: still waiting for a client at the
+    /// end, or not run) and its output.
+    pub iperf3_status: Option<i32>,
+    pub iperf3_log: String,
+}
 
 /// One guest boot.
 #[derive(Clone, Debug)]
@@ -342,6 +418,8 @@ pub struct RunSpec {
     pub vmm_args: Vec<String>,
     /// A disk served by ringvm-blk next to the VMM (ringvm only).
     pub disk: Option<DiskSpec>,
+    /// A NIC served by ringvm-net on a tap (ringvm only).
+    pub net: Option<NetSpec>,
     /// Bound of the VMM run; `None` for the mode's default.
     pub timeout: Option<Duration>,
 }
@@ -358,6 +436,7 @@ impl RunSpec {
             extra_cmdline: String::new(),
             vmm_args: Vec::new(),
             disk: None,
+            net: None,
             timeout: None,
         }
     }
@@ -433,6 +512,8 @@ pub struct LinuxRun {
     pub backend_log: String,
     /// The disk image after ringvm-blk exited, when the run had a disk.
     pub disk: Option<DiskReport>,
+    /// ringvm-net and the iperf3 server, when the run had a NIC.
+    pub net: Option<NetReport>,
     /// The whole run as this process saw it (including L1).
     pub wall: Duration,
 }
@@ -552,6 +633,16 @@ impl fmt::Display for LinuxRun {
                     disk.allocated_bytes, disk.check_status
                 ),
                 &disk.check_output,
+            )?;
+        }
+        if let Some(net) = &self.net {
+            section(
+                &format!("ringvm-net (exit {:?})", net.backend_status),
+                &net.backend_log,
+            )?;
+            section(
+                &format!("iperf3 server on the tap (exit {:?})", net.iperf3_status),
+                &net.iperf3_log,
             )?;
         }
         if let Some(l1) = &self.l1 {
@@ -679,6 +770,20 @@ impl LinuxHost {
                 disk.queues
             ));
         }
+        if let Some(net) = spec.net {
+            if spec.vmm != L2Vmm::Ringvm {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "RunSpec::net needs ringvm as the VMM",
+                ));
+            }
+            vmm_argv.push("--net".into());
+            vmm_argv.push(format!(
+                "socket={},mac={}",
+                work.join(NET_SOCKET).display(),
+                net.mac_text()
+            ));
+        }
         match self.mode() {
             HostMode::Direct => self.run_direct(spec, &vmm_argv, &work, timeout),
             HostMode::Emulated => {
@@ -776,39 +881,28 @@ impl LinuxHost {
                 let argv = Self::backend_argv(disk, work)?;
                 let child = Command::new(&argv[0])
                     .args(&argv[1..])
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
                     .stderr(fs::File::create(work.join("backend.log"))?)
                     .spawn()?;
-                let deadline = Instant::now() + BACKEND_SOCKET_WAIT;
-                while !work.join(DISK_SOCKET).exists() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                wait_for_socket(&work.join(DISK_SOCKET));
                 Some(child)
             }
+            None => None,
+        };
+        let mut net = match spec.net {
+            Some(net) => Some(DirectNet::start(net, work)?),
             None => None,
         };
         let mut cmd = Command::new(&vmm_argv[0]);
         cmd.args(&vmm_argv[1..]);
         let out = run_bounded(cmd, timeout, Some(INIT_MARKER));
-        let backend_status = backend.as_mut().and_then(|b| {
-            let deadline = Instant::now() + BACKEND_SOCKET_WAIT;
-            loop {
-                match b.try_wait() {
-                    Ok(Some(s)) => return s.code(),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    _ => {
-                        let _ = b.kill();
-                        let _ = b.wait();
-                        return None;
-                    }
-                }
-            }
-        });
+        let backend_status = backend
+            .as_mut()
+            .and_then(|b| exit_within(b, BACKEND_SOCKET_WAIT));
         let backend_log = fs::read_to_string(work.join("backend.log")).unwrap_or_default();
         let disk = spec.disk.map(|disk| disk_report(&disk, work));
+        let net = net.as_mut().map(|net| net.finish(work));
         let out = out?;
         Ok(LinuxRun {
             mode: HostMode::Direct,
@@ -823,8 +917,119 @@ impl LinuxHost {
             backend_status,
             backend_log,
             disk,
+            net,
             wall: started.elapsed(),
         })
+    }
+}
+
+/// How long the iperf3 server may take to end after the VMM did (it ends
+/// after its one test; without a client it is killed then).
+const IPERF3_SERVER_GRACE: Duration = Duration::from_secs(5);
+/// Logs of [`DirectNet`] in the run's work directory.
+const NET_BACKEND_LOG: &str = "net-backend.log";
+const IPERF3_LOG: &str = "iperf3.log";
+
+/// Direct mode's NIC ([`NetSpec`]): a network namespace of the run's own
+/// with the tap, ringvm-net and the iperf3 server in it (the host's own
+/// interfaces are never touched). What still runs when it drops is killed;
+/// then the namespace and its tap are deleted.
+struct DirectNet {
+    backend: Option<Child>,
+    iperf3: Option<Child>,
+    ns: netns::Netns,
+}
+
+impl DirectNet {
+    fn start(spec: NetSpec, work: &Path) -> io::Result<DirectNet> {
+        let ns = netns::Netns::create("linux", true)?;
+        let mut net = DirectNet {
+            backend: None,
+            iperf3: None,
+            ns,
+        };
+        if spec.iperf3_server {
+            let argv = NetSpec::iperf3_server_argv();
+            net.iperf3 = Some(net.spawn(&argv, &work.join(IPERF3_LOG))?);
+        }
+        let argv = NetSpec::backend_argv(work)?;
+        net.backend = Some(net.spawn(&argv, &work.join(NET_BACKEND_LOG))?);
+        wait_for_socket(&work.join(NET_SOCKET));
+        Ok(net)
+    }
+
+    /// `argv` in the namespace, stdout and stderr to `log`.
+    fn spawn(&self, argv: &[String], log: &Path) -> io::Result<Child> {
+        let log = fs::File::create(log)?;
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns.0])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+    }
+
+    /// After the VMM ended: ringvm-net's and the server's ends and logs.
+    fn finish(&mut self, work: &Path) -> NetReport {
+        let backend_status = self
+            .backend
+            .as_mut()
+            .and_then(|b| exit_within(b, BACKEND_SOCKET_WAIT));
+        let iperf3_status = self
+            .iperf3
+            .as_mut()
+            .and_then(|s| exit_within(s, IPERF3_SERVER_GRACE));
+        NetReport {
+            backend_status,
+            backend_log: fs::read_to_string(work.join(NET_BACKEND_LOG)).unwrap_or_default(),
+            iperf3_status,
+            iperf3_log: if self.iperf3.is_some() {
+                fs::read_to_string(work.join(IPERF3_LOG)).unwrap_or_default()
+            } else {
+                String::new()
+            },
+        }
+    }
+}
+
+impl Drop for DirectNet {
+    fn drop(&mut self) {
+        for child in [self.backend.as_mut(), self.iperf3.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Waits (at most [`BACKEND_SOCKET_WAIT`]) for a backend to create its
+/// socket; a backend that does not is seen in its log and the VMM's error.
+fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + BACKEND_SOCKET_WAIT;
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The child's exit code if it exits within `timeout`; else it is killed
+/// and the answer is `None` (as for a death by signal).
+fn exit_within(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.code(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
     }
 }
 
@@ -1023,6 +1228,7 @@ mod tests {
             backend_status: None,
             backend_log: String::new(),
             disk: None,
+            net: None,
             wall: Duration::ZERO,
         }
     }
