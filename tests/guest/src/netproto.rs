@@ -1,6 +1,9 @@
 //! Ethernet, ARP (RFC 826), IPv4 (RFC 791), ICMP echo (RFC 792) and UDP
 //! (RFC 768), as much as `job=net-echo` needs: [`answer`] turns one received
-//! frame into the frame to send back, if any.
+//! frame into the frame to send back, if any. For `job=net-bench`: UDP
+//! datagrams and one-way TCP (RFC 793) segments to send and to count, and the
+//! virtio-net header's offload fields (virtio 1.2 5.1.6: checksum offload and
+//! TSO), which `ringvm-bench net` also uses on the host side.
 //!
 //! Pure `core` code with no other dependency on the guest, so that the host
 //! test `tests/tests/guest_netproto.rs` compiles this file (`#[path]`) and
@@ -22,6 +25,7 @@ const ARP_OP_REPLY: u16 = 2;
 const IPV4_HEADER_BYTES: usize = 20;
 const IPV4_PROTO_ICMP: u8 = 1;
 const IPV4_PROTO_UDP: u8 = 17;
+const IPV4_PROTO_TCP: u8 = 6;
 /// Flags + fragment offset: more fragments (MF) and the offset bits.
 const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
 /// TTL of the replies (Linux's default).
@@ -112,11 +116,17 @@ fn put16(bytes: &mut [u8], at: usize, value: u16) {
 
 /// The UDP pseudo-header (RFC 768) for a datagram of `udp_len` bytes.
 fn pseudo_header(src: &[u8], dst: &[u8], udp_len: u16) -> [u8; 12] {
+    pseudo_header_of(src, dst, IPV4_PROTO_UDP, udp_len)
+}
+
+/// The IPv4 pseudo-header of UDP and TCP checksums (RFC 768, RFC 793) for
+/// `len` bytes of protocol `proto`.
+fn pseudo_header_of(src: &[u8], dst: &[u8], proto: u8, len: u16) -> [u8; 12] {
     let mut p = [0u8; 12];
     p[0..4].copy_from_slice(src);
     p[4..8].copy_from_slice(dst);
-    p[9] = IPV4_PROTO_UDP;
-    p[10..12].copy_from_slice(&udp_len.to_be_bytes());
+    p[9] = proto;
+    p[10..12].copy_from_slice(&len.to_be_bytes());
     p
 }
 
@@ -376,9 +386,35 @@ pub fn udp_frame(
     Some(len)
 }
 
-/// The payload of a UDP datagram to `iface`'s IP and port, checksums
-/// checked; `Err` says why `frame` is not one (as [`answer`]'s verdicts).
-pub fn udp_payload<'a>(iface: &Iface, frame: &'a [u8]) -> Result<&'a [u8], Verdict> {
+/// The transport protocols [`transport_payload`] takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+/// A UDP datagram or TCP segment to `iface`'s IP and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transport<'a> {
+    pub proto: Proto,
+    pub payload: &'a [u8],
+    /// TCP: the sequence number of the first payload byte.
+    pub tcp_seq: Option<u32>,
+}
+
+/// The UDP datagram or TCP segment to `iface`'s IP and port (`udp_port`,
+/// for both) in `frame`. The IPv4 header checksum is always checked; the
+/// UDP/TCP checksum only with `verify_checksum`, which is false for frames
+/// whose virtio-net header says that their checksum is partial
+/// (VIRTIO_NET_HDR_F_NEEDS_CSUM: only the pseudo-header sum is there) or
+/// was checked by the host (DATA_VALID). A TCP frame may be a TSO frame
+/// larger than one segment (up to 64 KiB). `Err` says why `frame` is not
+/// one (as [`answer`]'s verdicts).
+pub fn transport_payload<'a>(
+    iface: &Iface,
+    frame: &'a [u8],
+    verify_checksum: bool,
+) -> Result<Transport<'a>, Verdict> {
     if frame.len() < ETH_HEADER_BYTES {
         return Err(Verdict::Malformed("shorter than an Ethernet header"));
     }
@@ -398,26 +434,263 @@ pub fn udp_payload<'a>(iface: &Iface, frame: &'a [u8]) -> Result<&'a [u8], Verdi
     if checksum(&[header]) != 0 {
         return Err(Verdict::Malformed("bad IPv4 header checksum"));
     }
-    if header[9] != IPV4_PROTO_UDP || header[16..20] != iface.ip {
-        return Err(Verdict::Ignored("not UDP to this IP"));
+    if header[16..20] != iface.ip {
+        return Err(Verdict::Ignored("IPv4 for another address"));
     }
     if be16(header, 6) & IPV4_FRAGMENT_MASK != 0 {
         return Err(Verdict::Ignored("IPv4 fragment"));
     }
-    let udp = &packet[header_len..total_len];
-    if udp.len() < UDP_HEADER_BYTES || usize::from(be16(udp, 4)) != udp.len() {
-        return Err(Verdict::Malformed("bad UDP length"));
-    }
-    if be16(udp, 6) != 0 {
-        let pseudo = pseudo_header(&header[12..16], &header[16..20], udp.len() as u16);
-        if checksum(&[&pseudo, udp]) != 0 {
-            return Err(Verdict::Malformed("bad UDP checksum"));
+    let body = &packet[header_len..total_len];
+    let Ok(body_len) = u16::try_from(body.len()) else {
+        return Err(Verdict::Malformed("inconsistent IPv4 lengths"));
+    };
+    let pseudo = pseudo_header_of(&header[12..16], &header[16..20], header[9], body_len);
+    match header[9] {
+        IPV4_PROTO_UDP => {
+            let udp = body;
+            if udp.len() < UDP_HEADER_BYTES || usize::from(be16(udp, 4)) != udp.len() {
+                return Err(Verdict::Malformed("bad UDP length"));
+            }
+            if verify_checksum && be16(udp, 6) != 0 && checksum(&[&pseudo, udp]) != 0 {
+                return Err(Verdict::Malformed("bad UDP checksum"));
+            }
+            if be16(udp, 2) != iface.udp_port {
+                return Err(Verdict::Ignored("UDP to another port"));
+            }
+            Ok(Transport {
+                proto: Proto::Udp,
+                payload: &udp[UDP_HEADER_BYTES..],
+                tcp_seq: None,
+            })
         }
+        IPV4_PROTO_TCP => {
+            let tcp = body;
+            if tcp.len() < TCP_HEADER_BYTES {
+                return Err(Verdict::Malformed("truncated TCP header"));
+            }
+            let data_offset = usize::from(tcp[12] >> 4) * 4;
+            if data_offset < TCP_HEADER_BYTES || data_offset > tcp.len() {
+                return Err(Verdict::Malformed("bad TCP data offset"));
+            }
+            // Unlike UDP's, a TCP checksum of 0 is a checksum.
+            if verify_checksum && checksum(&[&pseudo, tcp]) != 0 {
+                return Err(Verdict::Malformed("bad TCP checksum"));
+            }
+            if be16(tcp, 2) != iface.udp_port {
+                return Err(Verdict::Ignored("TCP to another port"));
+            }
+            Ok(Transport {
+                proto: Proto::Tcp,
+                payload: &tcp[data_offset..],
+                tcp_seq: Some(u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]])),
+            })
+        }
+        _ => Err(Verdict::Ignored("not UDP or TCP")),
     }
-    if be16(udp, 2) != iface.udp_port {
-        return Err(Verdict::Ignored("UDP to another port"));
+}
+
+const TCP_HEADER_BYTES: usize = 20;
+/// TCP flags of the segments [`tcp_frame`] builds: ACK.
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Where the TCP checksum is in the TCP header.
+const TCP_CHECKSUM_OFFSET: usize = 16;
+/// Bytes of the Ethernet, IPv4 and TCP headers of a frame [`tcp_frame`]
+/// builds (no IP or TCP options).
+pub const TCP_FRAME_HEADER_BYTES: usize = ETH_HEADER_BYTES + IPV4_HEADER_BYTES + TCP_HEADER_BYTES;
+/// The TCP maximum segment size on a 1500-byte MTU without TCP options: each
+/// segment of a TSO frame is then a 1514-byte Ethernet frame.
+pub const TCP_MSS_BYTES: usize = ETH_MTU_BYTES - IPV4_HEADER_BYTES - TCP_HEADER_BYTES;
+
+/// Writes the Ethernet, IPv4 and TCP headers (ACK, window 65535, no options)
+/// of a segment with `payload_len` bytes of payload and sequence number
+/// `seq`, from `iface` (source port `iface.udp_port`) to `dst_ip:dst_port`
+/// at `dst_mac`, into `out[..TCP_FRAME_HEADER_BYTES]`; the payload follows
+/// them and is not written. The TCP checksum is left to checksum offload:
+/// its field holds the pseudo-header sum, and the returned virtio-net header
+/// says NEEDS_CSUM with csum_start/csum_offset; a payload of more than one
+/// [`TCP_MSS_BYTES`] makes it a TSO frame (GSO_TCPV4, gso_size = the MSS),
+/// which the device or the host cuts into segments, completing each one's
+/// checksum. Returns the frame's length and that header; `None` if `out` is
+/// shorter than the headers or the packet is larger than IPv4 allows.
+pub fn tcp_frame(
+    iface: &Iface,
+    dst_mac: [u8; 6],
+    dst_ip: [u8; 4],
+    dst_port: u16,
+    seq: u32,
+    payload_len: usize,
+    out: &mut [u8],
+) -> Option<(usize, NetHdr)> {
+    let len = TCP_FRAME_HEADER_BYTES.checked_add(payload_len)?;
+    let ip_len = u16::try_from(len - ETH_HEADER_BYTES).ok()?;
+    let out = out.get_mut(..TCP_FRAME_HEADER_BYTES)?;
+    out[0..6].copy_from_slice(&dst_mac);
+    out[6..12].copy_from_slice(&iface.mac);
+    put16(out, 12, ETHERTYPE_IPV4);
+    let ip = &mut out[ETH_HEADER_BYTES..ETH_HEADER_BYTES + IPV4_HEADER_BYTES];
+    ip[0] = 0x45;
+    ip[1] = 0;
+    put16(ip, 2, ip_len);
+    put16(ip, 4, 0);
+    // Don't fragment.
+    put16(ip, 6, 0x4000);
+    ip[8] = IPV4_TTL;
+    ip[9] = IPV4_PROTO_TCP;
+    put16(ip, 10, 0);
+    ip[12..16].copy_from_slice(&iface.ip);
+    ip[16..20].copy_from_slice(&dst_ip);
+    let sum = checksum(&[ip]);
+    put16(ip, 10, sum);
+    let tcp_start = ETH_HEADER_BYTES + IPV4_HEADER_BYTES;
+    let tcp = &mut out[tcp_start..];
+    put16(tcp, 0, iface.udp_port);
+    put16(tcp, 2, dst_port);
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].fill(0);
+    tcp[12] = ((TCP_HEADER_BYTES / 4) as u8) << 4;
+    tcp[13] = TCP_FLAG_ACK;
+    put16(tcp, 14, u16::MAX);
+    put16(tcp, 18, 0);
+    // The pseudo-header sum, folded but not complemented (what the checksum
+    // over the segment then starts from).
+    let pseudo = pseudo_header_of(
+        &iface.ip,
+        &dst_ip,
+        IPV4_PROTO_TCP,
+        ip_len - IPV4_HEADER_BYTES as u16,
+    );
+    put16(tcp, TCP_CHECKSUM_OFFSET, !checksum(&[&pseudo]));
+    let tso = payload_len > TCP_MSS_BYTES;
+    let hdr = NetHdr {
+        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        gso_type: if tso {
+            VIRTIO_NET_HDR_GSO_TCPV4
+        } else {
+            VIRTIO_NET_HDR_GSO_NONE
+        },
+        hdr_len: TCP_FRAME_HEADER_BYTES as u16,
+        gso_size: if tso { TCP_MSS_BYTES as u16 } else { 0 },
+        csum_start: tcp_start as u16,
+        csum_offset: TCP_CHECKSUM_OFFSET as u16,
+        num_buffers: 0,
+    };
+    Some((len, hdr))
+}
+
+/// Completes a partial checksum as a device does for a frame sent with
+/// VIRTIO_NET_HDR_F_NEEDS_CSUM (virtio 1.2 5.1.6.2): the Internet checksum
+/// of `frame[csum_start..]`, whose checksum field at `csum_start +
+/// csum_offset` holds the pseudo-header sum, is stored in that field.
+/// `false` (nothing changed) when the field is not inside the frame.
+pub fn complete_checksum(frame: &mut [u8], csum_start: usize, csum_offset: usize) -> bool {
+    let Some(field) = csum_start.checked_add(csum_offset) else {
+        return false;
+    };
+    if field.checked_add(2).is_none_or(|end| end > frame.len()) {
+        return false;
     }
-    Ok(&udp[UDP_HEADER_BYTES..])
+    let sum = checksum(&[&frame[csum_start..]]);
+    put16(frame, field, sum);
+    true
+}
+
+/// A MAC address as six hex bytes separated by `:` (`52:54:00:12:34:56`).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// struct virtio_net_hdr_v1 (virtio 1.2 5.1.6): the 12 bytes in front of
+/// every frame on a virtio-net queue (with VERSION_1) and on a tap with
+/// IFF_VNET_HDR and TUNSETVNETHDRSZ 12. The legacy header, which AF_PACKET's
+/// PACKET_VNET_HDR uses, is its first 10 bytes (no num_buffers).
+pub const NET_HDR_BYTES: usize = 12;
+pub const NET_HDR_LEGACY_BYTES: usize = 10;
+/// flags: the checksum from csum_start to the end is still to be computed
+/// and stored at csum_start + csum_offset.
+pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+/// flags (received frames): the host has checked the checksum.
+pub const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
+pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+pub const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+
+/// The fields of a virtio-net header, little-endian on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+    /// With MRG_RXBUF, the receive buffers a frame spans (0 in a legacy
+    /// header).
+    pub num_buffers: u16,
+}
+
+impl NetHdr {
+    /// A header from its first 10 (legacy) or 12 bytes; `None` if shorter.
+    pub fn parse(bytes: &[u8]) -> Option<NetHdr> {
+        let le16 = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+        if bytes.len() < NET_HDR_LEGACY_BYTES {
+            return None;
+        }
+        Some(NetHdr {
+            flags: bytes[0],
+            gso_type: bytes[1],
+            hdr_len: le16(2),
+            gso_size: le16(4),
+            csum_start: le16(6),
+            csum_offset: le16(8),
+            num_buffers: if bytes.len() >= NET_HDR_BYTES {
+                le16(10)
+            } else {
+                0
+            },
+        })
+    }
+
+    /// Writes the header to `out`: 12 bytes if it has room for them, else
+    /// the legacy 10; `None` if it has room for neither.
+    pub fn write(&self, out: &mut [u8]) -> Option<usize> {
+        if out.len() < NET_HDR_LEGACY_BYTES {
+            return None;
+        }
+        out[0] = self.flags;
+        out[1] = self.gso_type;
+        for (at, value) in [
+            (2, self.hdr_len),
+            (4, self.gso_size),
+            (6, self.csum_start),
+            (8, self.csum_offset),
+        ] {
+            out[at..at + 2].copy_from_slice(&value.to_le_bytes());
+        }
+        if out.len() < NET_HDR_BYTES {
+            return Some(NET_HDR_LEGACY_BYTES);
+        }
+        out[10..12].copy_from_slice(&self.num_buffers.to_le_bytes());
+        Some(NET_HDR_BYTES)
+    }
+
+    /// Whether the frame's UDP/TCP checksum is not to be checked: partial
+    /// (NEEDS_CSUM) or checked by the host already (DATA_VALID).
+    pub fn checksum_offloaded(&self) -> bool {
+        self.flags & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) != 0
+    }
+
+    /// Whether the frame is a TSO/GSO frame of several segments.
+    pub fn is_gso(&self) -> bool {
+        self.gso_type != VIRTIO_NET_HDR_GSO_NONE
+    }
 }
 
 #[cfg(test)]
@@ -489,6 +762,19 @@ mod tests {
             u[6..8].copy_from_slice(&sum.to_be_bytes());
         }
         eth(GUEST_MAC, ETHERTYPE_IPV4, &ipv4(17, HOST_IP, GUEST_IP, &u))
+    }
+
+    /// The payload of a UDP datagram to `iface`'s IP and port, checksums
+    /// checked.
+    fn udp_payload<'a>(iface: &Iface, frame: &'a [u8]) -> Result<&'a [u8], Verdict> {
+        match transport_payload(iface, frame, true)? {
+            Transport {
+                proto: Proto::Udp,
+                payload,
+                ..
+            } => Ok(payload),
+            Transport { .. } => Err(Verdict::Ignored("not UDP")),
+        }
     }
 
     fn reply(frame: &[u8]) -> (ReplyKind, Vec<u8>) {
@@ -726,6 +1012,238 @@ mod tests {
         );
         for cut in 0..len {
             assert!(udp_payload(&IFACE, &out[..cut]).is_err());
+        }
+    }
+
+    /// A TCP frame from the host to the guest as [`tcp_frame`] builds it,
+    /// with `payload` and its checksum completed as a device would.
+    fn tcp_to_guest(seq: u32, payload: &[u8]) -> (Vec<u8>, NetHdr) {
+        let host = Iface {
+            mac: HOST_MAC,
+            ip: HOST_IP,
+            udp_port: 40000,
+        };
+        let mut frame = vec![0u8; TCP_FRAME_HEADER_BYTES + payload.len()];
+        let (len, hdr) = tcp_frame(
+            &host,
+            GUEST_MAC,
+            GUEST_IP,
+            7,
+            seq,
+            payload.len(),
+            &mut frame,
+        )
+        .unwrap();
+        assert_eq!(len, frame.len());
+        frame[TCP_FRAME_HEADER_BYTES..].copy_from_slice(payload);
+        (frame, hdr)
+    }
+
+    #[test]
+    fn tcp_frame_checksum_completes_to_a_valid_segment() {
+        let payload: Vec<u8> = (0..1000u32).map(|i| (i * 13) as u8).collect();
+        let (mut frame, hdr) = tcp_to_guest(0xfffff000, &payload);
+        assert_eq!(hdr.flags, VIRTIO_NET_HDR_F_NEEDS_CSUM);
+        assert_eq!(hdr.gso_type, VIRTIO_NET_HDR_GSO_NONE);
+        assert_eq!((hdr.csum_start, hdr.csum_offset), (34, 16));
+        // The partial checksum alone does not verify, and is trusted only
+        // when the header says so.
+        assert_eq!(
+            transport_payload(&IFACE, &frame, true),
+            Err(Verdict::Malformed("bad TCP checksum"))
+        );
+        let trusted = transport_payload(&IFACE, &frame, false).unwrap();
+        assert_eq!(trusted.payload, &payload[..]);
+        assert!(complete_checksum(
+            &mut frame,
+            usize::from(hdr.csum_start),
+            usize::from(hdr.csum_offset)
+        ));
+        let segment = transport_payload(&IFACE, &frame, true).unwrap();
+        assert_eq!(segment.proto, Proto::Tcp);
+        assert_eq!(segment.tcp_seq, Some(0xfffff000));
+        assert_eq!(segment.payload, &payload[..]);
+        let ip = &frame[14..34];
+        assert_eq!(checksum(&[ip]), 0);
+        assert_eq!(usize::from(be16(ip, 2)), frame.len() - 14);
+        assert_eq!(&ip[12..16], &HOST_IP);
+        // A completed checksum over a changed payload no longer verifies.
+        *frame.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            transport_payload(&IFACE, &frame, true),
+            Err(Verdict::Malformed("bad TCP checksum"))
+        );
+    }
+
+    #[test]
+    fn tcp_frame_of_64k_is_a_tso_frame_of_mss_segments() {
+        let payload = vec![0x5a; 65536 - TCP_FRAME_HEADER_BYTES];
+        let (mut frame, hdr) = tcp_to_guest(7, &payload);
+        assert_eq!(frame.len(), 65536);
+        assert_eq!(
+            hdr,
+            NetHdr {
+                flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+                hdr_len: 54,
+                gso_size: 1460,
+                csum_start: 34,
+                csum_offset: 16,
+                num_buffers: 0,
+            }
+        );
+        assert!(hdr.is_gso() && hdr.checksum_offloaded());
+        assert_eq!(TCP_MSS_BYTES + TCP_FRAME_HEADER_BYTES, 1514);
+        assert!(complete_checksum(&mut frame, 34, 16));
+        let segment = transport_payload(&IFACE, &frame, true).unwrap();
+        assert_eq!(segment.payload.len(), 65536 - 54);
+        // One MSS is a plain segment; IPv4's limit is 65535 bytes.
+        assert!(!tcp_to_guest(0, &[1; TCP_MSS_BYTES]).1.is_gso());
+        assert!(tcp_to_guest(0, &[1; TCP_MSS_BYTES + 1]).1.is_gso());
+        let host = IFACE;
+        let mut out = [0u8; 64];
+        assert!(tcp_frame(&host, HOST_MAC, HOST_IP, 1, 0, 65535 - 40, &mut out).is_some());
+        assert_eq!(
+            tcp_frame(&host, HOST_MAC, HOST_IP, 1, 0, 65535 - 39, &mut out),
+            None
+        );
+        assert_eq!(
+            tcp_frame(&host, HOST_MAC, HOST_IP, 1, 0, 0, &mut out[..53]),
+            None
+        );
+    }
+
+    #[test]
+    fn tcp_segments_are_checked() {
+        let (mut frame, hdr) = tcp_to_guest(1, b"abcdef");
+        complete_checksum(&mut frame, hdr.csum_start.into(), hdr.csum_offset.into());
+        let mut other_port = frame.clone();
+        other_port[36..38].copy_from_slice(&9u16.to_be_bytes());
+        assert_eq!(
+            transport_payload(&IFACE, &other_port, false),
+            Err(Verdict::Ignored("TCP to another port"))
+        );
+        let mut bad_offset = frame.clone();
+        bad_offset[46] = 0x40;
+        assert_eq!(
+            transport_payload(&IFACE, &bad_offset, false),
+            Err(Verdict::Malformed("bad TCP data offset"))
+        );
+        assert!(matches!(
+            udp_payload(&IFACE, &frame),
+            Err(Verdict::Ignored(_))
+        ));
+        for cut in 0..frame.len() {
+            assert!(transport_payload(&IFACE, &frame[..cut], false).is_err());
+        }
+        for at in 0..frame.len() {
+            for bit in 0..8 {
+                let mut bad = frame.clone();
+                bad[at] ^= 1 << bit;
+                let _ = transport_payload(&IFACE, &bad, true);
+                let _ = transport_payload(&IFACE, &bad, false);
+            }
+        }
+    }
+
+    #[test]
+    fn udp_checksum_is_skipped_only_when_offloaded() {
+        let mut bad = udp(7, b"abc", true);
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(
+            transport_payload(&IFACE, &bad, true),
+            Err(Verdict::Malformed("bad UDP checksum"))
+        );
+        let datagram = transport_payload(&IFACE, &bad, false).unwrap();
+        assert_eq!(datagram.proto, Proto::Udp);
+        assert_eq!(datagram.tcp_seq, None);
+        assert_eq!(datagram.payload.len(), 3);
+    }
+
+    #[test]
+    fn partial_udp_checksum_completes_like_a_device() {
+        let mut frame = udp(7, b"hello, partial", false);
+        // What a host with checksum offload hands over: the pseudo-header
+        // sum in the checksum field.
+        let pseudo = pseudo_header(&HOST_IP, &GUEST_IP, (frame.len() - 34) as u16);
+        let partial = !checksum(&[&pseudo]);
+        frame[40..42].copy_from_slice(&partial.to_be_bytes());
+        assert!(matches!(
+            udp_payload(&IFACE, &frame),
+            Err(Verdict::Malformed("bad UDP checksum"))
+        ));
+        assert!(complete_checksum(&mut frame, 34, 6));
+        assert_eq!(udp_payload(&IFACE, &frame), Ok(&b"hello, partial"[..]));
+        // A field outside the frame changes nothing.
+        let before = frame.clone();
+        let len = frame.len();
+        assert!(!complete_checksum(&mut frame, len - 1, 0));
+        assert!(!complete_checksum(&mut frame, 34, len));
+        assert!(!complete_checksum(&mut frame, usize::MAX, 2));
+        assert!(!complete_checksum(&mut frame, len + 1, 0));
+        assert_eq!(frame, before);
+    }
+
+    #[test]
+    fn net_hdr_layout_round_trips() {
+        let hdr = NetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1460,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 3,
+        };
+        let mut bytes = [0xee; 16];
+        assert_eq!(hdr.write(&mut bytes[..12]), Some(12));
+        assert_eq!(
+            &bytes[..13],
+            &[1, 1, 54, 0, 0xb4, 5, 34, 0, 16, 0, 3, 0, 0xee]
+        );
+        assert_eq!(NetHdr::parse(&bytes[..12]), Some(hdr));
+        let mut legacy = [0u8; 10];
+        assert_eq!(hdr.write(&mut legacy), Some(10));
+        assert_eq!(legacy[..], bytes[..10]);
+        assert_eq!(
+            NetHdr::parse(&legacy),
+            Some(NetHdr {
+                num_buffers: 0,
+                ..hdr
+            })
+        );
+        assert_eq!(NetHdr::parse(&legacy[..9]), None);
+        assert_eq!(hdr.write(&mut [0u8; 9]), None);
+        let plain = NetHdr::default();
+        assert!(!plain.is_gso() && !plain.checksum_offloaded());
+        let valid = NetHdr {
+            flags: VIRTIO_NET_HDR_F_DATA_VALID,
+            ..plain
+        };
+        assert!(valid.checksum_offloaded());
+    }
+
+    #[test]
+    fn mac_addresses_parse_and_reject() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:5a"),
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x5a])
+        );
+        assert_eq!(
+            parse_mac("02:AB:cd:00:00:FE"),
+            Some([2, 0xab, 0xcd, 0, 0, 0xfe])
+        );
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "52:54:00:12:34:5",
+            "52:54:00:12:34:5g",
+            "52-54-00-12-34-56",
+            "+2:54:00:12:34:56",
+            "52:54:00:12:34:56:",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }
 }

@@ -6,12 +6,24 @@
 //!
 //! Buffers: receive queue entry `i` is descriptor `i`, one device-writable
 //! buffer of [`RX_BUFFER_BYTES`], posted at open and re-posted as soon as its
-//! contents are copied out by [`NetDevice::recv`]. With VIRTIO_NET_F_MRG_RXBUF
+//! contents are copied out by [`QueuePair::recv`]. With VIRTIO_NET_F_MRG_RXBUF
 //! a packet may span several buffers (`num_buffers` in the header of the
 //! first); without it each buffer holds a whole packet (5.1.6.3.1: without
-//! the GUEST_TSO/UFO features, which are not negotiated, a buffer of at least
-//! 1526 bytes is enough). Transmit queue entry `i` is descriptor `i` with its
-//! own buffer: a zeroed `virtio_net_hdr_v1` (no offloads) and the frame.
+//! GUEST_TSO4, a buffer of at least 1526 bytes is enough). Transmit queue
+//! entry `i` is descriptor `i` with its own buffer: a `virtio_net_hdr_v1`
+//! and the frame.
+//!
+//! Offloads (5.1.6.2, 5.1.6.4): VIRTIO_NET_F_CSUM and HOST_TSO4 are accepted
+//! when offered, so that [`QueuePair::try_send_offloaded`] can hand the
+//! device a frame whose checksum it completes, or a TCP/IPv4 frame of up to
+//! 64 KiB that it cuts into segments; GUEST_CSUM and GUEST_TSO4 too, so the
+//! device may hand over frames with a partial checksum (NEEDS_CSUM) and TSO
+//! frames of up to 64 KiB. GUEST_TSO4 needs GUEST_CSUM (5.1.3.1), and is
+//! accepted only with MRG_RXBUF, which spreads such a frame over the
+//! page-sized buffers (without it every buffer would have to hold 65562
+//! bytes); HOST_TSO4 needs CSUM. [`QueuePair::recv`] completes partial
+//! checksums, so its callers see frames as they would be on a wire;
+//! [`QueuePair::recv_offloaded`] leaves them and returns the header.
 //!
 //! Multiqueue: VIRTIO_NET_F_MQ requires VIRTIO_NET_F_CTRL_VQ (5.1.3.1), and a
 //! device starts with one pair; more pairs are only enabled by a
@@ -34,12 +46,17 @@ use super::pci::{VirtioPci, VirtioPciError};
 use super::queue::{Descriptor, SplitQueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use super::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX};
 use crate::heap::DmaBuf;
+use crate::netproto::{self, NetHdr};
 use crate::pci::BarWindow;
 
 /// PCI device IDs of virtio-net: modern (0x1040 + 1) and transitional.
 pub const VIRTIO_NET_PCI_DEVICE_IDS: &[u16] = &[0x1041, 0x1000];
 
 // Feature bits (5.1.3).
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
@@ -51,7 +68,19 @@ const FEATURES_WANTED: u64 = VIRTIO_NET_F_MAC
     | VIRTIO_NET_F_STATUS
     | VIRTIO_NET_F_CTRL_VQ
     | VIRTIO_F_EVENT_IDX
-    | VIRTIO_F_ACCESS_PLATFORM;
+    | VIRTIO_F_ACCESS_PLATFORM
+    | OFFLOADS_WANTED;
+/// The offloads accepted whenever offered, and whatever they need (see
+/// [`with_offload_needs`]).
+const OFFLOADS_WANTED: u64 =
+    VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4;
+/// The offload features with their names, for reports.
+pub const OFFLOAD_NAMES: &[(u64, &str)] = &[
+    (VIRTIO_NET_F_CSUM, "csum"),
+    (VIRTIO_NET_F_GUEST_CSUM, "guest_csum"),
+    (VIRTIO_NET_F_HOST_TSO4, "host_tso4"),
+    (VIRTIO_NET_F_GUEST_TSO4, "guest_tso4"),
+];
 
 /// The MAC the driver uses when the device offers none (locally
 /// administered, unicast).
@@ -69,13 +98,13 @@ const CONFIG_READ_ATTEMPTS: u32 = 100;
 /// struct virtio_net_hdr_v1 (5.1.6): flags, gso_type, hdr_len, gso_size,
 /// csum_start, csum_offset, num_buffers. With VERSION_1 it always has
 /// num_buffers, MRG_RXBUF or not.
-pub const NET_HDR_BYTES: usize = 12;
-const HDR_NUM_BUFFERS: usize = 10;
+pub const NET_HDR_BYTES: usize = netproto::NET_HDR_BYTES;
 
-/// Bytes of one receive buffer: a whole 1514-byte frame and its header fit
-/// in one (so without MRG_RXBUF too), and 2 KiB keeps them from straddling
-/// pages in the heap's 4 KiB-aligned allocations.
-pub const RX_BUFFER_BYTES: usize = 2048;
+/// Bytes of one receive buffer: a page, which is what each one takes anyway
+/// (the heap aligns every DmaBuf to a page). A whole 1514-byte frame and its
+/// header fit in one (so without MRG_RXBUF too); a 64 KiB TSO frame spans 17
+/// (with MRG_RXBUF), so that the ring holds 15 of them.
+pub const RX_BUFFER_BYTES: usize = 4096;
 /// Entries of each queue (less if the device's maximum is smaller): enough
 /// receive buffers to absorb a burst from the host while the job answers.
 const QUEUE_ENTRIES: u16 = 256;
@@ -115,6 +144,11 @@ pub enum NetError {
     FrameTooLarge {
         len: usize,
         max: usize,
+    },
+    /// An offloaded frame whose headers are longer than the frame.
+    BadHeaders {
+        headers: usize,
+        len: usize,
     },
     OutOfMemory(&'static str),
     /// max_virtqueue_pairs outside 1..=0x8000 with MQ negotiated.
@@ -160,6 +194,9 @@ impl fmt::Display for NetError {
             NetError::UnstableConfig => write!(f, "virtio-net config keeps changing"),
             NetError::FrameTooLarge { len, max } => {
                 write!(f, "frame of {len} bytes, transmit buffers hold {max}")
+            }
+            NetError::BadHeaders { headers, len } => {
+                write!(f, "{headers} bytes of headers for a frame of {len} bytes")
             }
             NetError::OutOfMemory(what) => write!(f, "out of memory for {what}"),
             NetError::BadMaxPairs(n) => write!(
@@ -239,6 +276,10 @@ pub struct QueuePair {
     tx_buffers: Vec<DmaBuf>,
     /// Transmit entries the device does not hold.
     tx_free: Vec<u16>,
+    /// Per transmit buffer, the end of the bytes that may not be zero
+    /// (header included): [`try_send_offloaded`](Self::try_send_offloaded)
+    /// sends zeros after the caller's headers without writing them each time.
+    tx_dirty: Vec<usize>,
     /// Packets received (dropped ones included) and sent.
     pub rx_packets: u64,
     pub tx_packets: u64,
@@ -281,6 +322,11 @@ impl NetDevice {
             // A device offering MQ without CTRL_VQ breaks 5.1.3.1, and the
             // driver must not accept it: start over (negotiate resets).
             features = transport.negotiate(FEATURES_WANTED)?;
+        }
+        let consistent = with_offload_needs(features);
+        if consistent != features {
+            // An offload offered without what it needs: start over without it.
+            features = transport.negotiate(consistent)?;
         }
         let mut device = match set_up(&transport, features, tx_frame_bytes, pairs) {
             Ok((config, pairs, idle, ctrl)) => NetDevice {
@@ -335,9 +381,9 @@ impl NetDevice {
         &mut self.pairs[i]
     }
 
-    /// [`QueuePair::recv`] on pair 0.
-    pub fn recv(&mut self, frame: &mut [u8]) -> Option<Result<usize, RxDrop>> {
-        self.pairs[0].recv(frame)
+    /// [`QueuePair::recv_offloaded`] on pair 0.
+    pub fn recv_offloaded(&mut self, frame: &mut [u8]) -> Option<Result<(usize, NetHdr), RxDrop>> {
+        self.pairs[0].recv_offloaded(frame)
     }
 
     /// [`QueuePair::send`] on pair 0.
@@ -345,9 +391,14 @@ impl NetDevice {
         self.pairs[0].send(frame)
     }
 
-    /// [`QueuePair::try_send`] on pair 0.
-    pub fn try_send(&mut self, frame: &[u8]) -> Result<bool, NetError> {
-        self.pairs[0].try_send(frame)
+    /// [`QueuePair::try_send_offloaded`] on pair 0.
+    pub fn try_send_offloaded(
+        &mut self,
+        hdr: &NetHdr,
+        headers: &[u8],
+        len: usize,
+    ) -> Result<bool, NetError> {
+        self.pairs[0].try_send_offloaded(hdr, headers, len)
     }
 
     /// Notify writes done on every queue.
@@ -439,24 +490,44 @@ impl QueuePair {
     }
 
     /// The next received frame (without its virtio header), copied into
-    /// `frame`: `Some(Ok(len))`, `Some(Err(why))` for a packet dropped, `None`
-    /// when nothing has arrived.
+    /// `frame`, its checksum completed if the device left it partial
+    /// (NEEDS_CSUM; with csum_start/csum_offset outside the frame it stays
+    /// as it came, and the caller's checks find it wrong): `Some(Ok(len))`,
+    /// `Some(Err(why))` for a packet dropped, `None` when nothing has
+    /// arrived.
     pub fn recv(&mut self, frame: &mut [u8]) -> Option<Result<usize, RxDrop>> {
+        let received = self.recv_offloaded(frame)?;
+        Some(received.map(|(len, hdr)| {
+            if hdr.flags & netproto::VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+                netproto::complete_checksum(
+                    &mut frame[..len],
+                    usize::from(hdr.csum_start),
+                    usize::from(hdr.csum_offset),
+                );
+            }
+            len
+        }))
+    }
+
+    /// [`recv`](Self::recv) without completing a partial checksum: the
+    /// frame's length and its virtio-net header (offload flags, GSO type).
+    pub fn recv_offloaded(&mut self, frame: &mut [u8]) -> Option<Result<(usize, NetHdr), RxDrop>> {
         let first = self.pop_rx()?;
         self.rx_packets += 1;
         let mut result = self.copy_out(first.id, first.len, 0, frame);
+        let hdr = if result.is_ok() {
+            let mut bytes = [0u8; NET_HDR_BYTES];
+            // SAFETY: the device returned this buffer through the used ring
+            // (copy_out checked that its used length covers the header) and
+            // does not write it until it is posted again.
+            let buffer = unsafe { self.rx_buffers[first.id as usize].bytes_mut() };
+            bytes.copy_from_slice(&buffer[..NET_HDR_BYTES]);
+            NetHdr::parse(&bytes).unwrap_or_default()
+        } else {
+            NetHdr::default()
+        };
         let num_buffers = match result {
-            Ok(_) if self.has(VIRTIO_NET_F_MRG_RXBUF) => {
-                // SAFETY: HDR_NUM_BUFFERS + 2 <= RX_BUFFER_BYTES (ptr_at
-                // checks); the device returned this buffer, it writes it no
-                // more until it is posted again.
-                let n = unsafe {
-                    ptr::read_volatile(
-                        self.rx_buffers[first.id as usize].ptr_at::<u16>(HDR_NUM_BUFFERS),
-                    )
-                };
-                u16::from_le(n)
-            }
+            Ok(_) if self.has(VIRTIO_NET_F_MRG_RXBUF) => hdr.num_buffers,
             _ => 1,
         };
         self.repost(first.id);
@@ -478,7 +549,7 @@ impl QueuePair {
             self.repost(next.id);
         }
         self.rx.publish();
-        Some(result)
+        Some(result.map(|len| (len, hdr)))
     }
 
     /// The next used receive buffer. An id that names no buffer is a device
@@ -565,11 +636,29 @@ impl QueuePair {
     /// [`send`](Self::send) without waiting: `Ok(false)` when every transmit
     /// buffer is in flight.
     pub fn try_send(&mut self, frame: &[u8]) -> Result<bool, NetError> {
+        self.try_send_offloaded(&NetHdr::default(), frame, frame.len())
+    }
+
+    /// [`try_send`](Self::try_send) of a frame of `len` bytes that starts
+    /// with `headers` and continues with zeros, with `hdr` as its virtio-net
+    /// header (checksum offload, TSO: the caller must have checked that the
+    /// features it uses were negotiated). The zeros are written only where
+    /// the transmit buffer held something else, so a large frame costs its
+    /// headers, not its length.
+    pub fn try_send_offloaded(
+        &mut self,
+        hdr: &NetHdr,
+        headers: &[u8],
+        len: usize,
+    ) -> Result<bool, NetError> {
         let max = self.tx_frame_max();
-        if frame.len() > max {
-            return Err(NetError::FrameTooLarge {
-                len: frame.len(),
-                max,
+        if len > max {
+            return Err(NetError::FrameTooLarge { len, max });
+        }
+        if headers.len() > len {
+            return Err(NetError::BadHeaders {
+                headers: headers.len(),
+                len,
             });
         }
         if self.tx_free.is_empty() {
@@ -579,12 +668,19 @@ impl QueuePair {
             return Ok(false);
         };
         let buffer = &mut self.tx_buffers[usize::from(slot)];
-        let len = NET_HDR_BYTES + frame.len();
+        let dirty = &mut self.tx_dirty[usize::from(slot)];
+        let head_end = NET_HDR_BYTES + headers.len();
+        let len = NET_HDR_BYTES + len;
         // SAFETY: `slot` came back through the used ring (or was never
         // posted): the device holds no chain pointing into this buffer.
         let bytes = unsafe { buffer.bytes_mut() };
-        bytes[..NET_HDR_BYTES].fill(0);
-        bytes[NET_HDR_BYTES..len].copy_from_slice(frame);
+        hdr.write(&mut bytes[..NET_HDR_BYTES])
+            .expect("the buffer holds a header");
+        bytes[NET_HDR_BYTES..head_end].copy_from_slice(headers);
+        if *dirty > head_end {
+            bytes[head_end..*dirty].fill(0);
+        }
+        *dirty = head_end;
         let paddr = buffer.paddr();
         self.tx.set_descriptor(
             slot,
@@ -600,6 +696,21 @@ impl QueuePair {
         self.tx_packets += 1;
         Ok(true)
     }
+}
+
+/// `features` less the offloads whose needs are missing: GUEST_TSO4 needs
+/// GUEST_CSUM (5.1.3.1) and MRG_RXBUF (see the module doc), HOST_TSO4 needs
+/// CSUM.
+fn with_offload_needs(features: u64) -> u64 {
+    let mut features = features;
+    let has = |f: u64, bits: u64| f & bits == bits;
+    if !has(features, VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_MRG_RXBUF) {
+        features &= !VIRTIO_NET_F_GUEST_TSO4;
+    }
+    if !has(features, VIRTIO_NET_F_CSUM) {
+        features &= !VIRTIO_NET_F_HOST_TSO4;
+    }
+    features
 }
 
 /// What [`set_up`] builds: the config, the pairs in use, the queues of the
@@ -704,6 +815,8 @@ fn set_up_pair(
     Ok(QueuePair {
         features,
         tx_free: (0..tx.size()).rev().collect(),
+        // DmaBuf::alloc zeroes the buffers.
+        tx_dirty: alloc::vec![0; usize::from(tx.size())],
         rx,
         rx_buffers,
         tx,
