@@ -7,6 +7,7 @@ mod boot;
 mod guest;
 mod host;
 mod json;
+mod net;
 mod process;
 mod quickstart;
 mod stats;
@@ -46,6 +47,43 @@ enum BenchCommand {
     /// the same through ringvm + qemu-storage-daemon, vs host fio, on one
     /// image in tmpfs.
     Blk(BlkArgs),
+    /// Network: packets/s (64 B) and Gbit/s (1500 B, 64 KiB TSO), guest to
+    /// host and host to guest, through ringvm + ringvm-net vs QEMU's
+    /// virtio-net vs the tap's own ceiling, in a network namespace of its
+    /// own (needs root and /dev/net/tun).
+    Net(NetArgs),
+}
+
+#[derive(Debug, Args)]
+struct NetArgs {
+    /// Seconds per run (each case runs once per VMM and once for the
+    /// ceiling).
+    #[arg(long, default_value_t = 3, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u32).range(1..=600))]
+    runtime: u32,
+    /// The cases: comma-separated SIZE or SIZE-DIR, SIZE one of 64, 1500,
+    /// tso and DIR tx (guest to host) or rx (host to guest); SIZE alone is
+    /// both directions.
+    #[arg(long, value_name = "LIST", default_value = "64,1500,tso")]
+    cases: net::CaseList,
+    /// Where to write the JSON report.
+    #[arg(long, value_name = "PATH", default_value = "ringvm-bench-net.json")]
+    json: PathBuf,
+    /// Leave out the QEMU runs.
+    #[arg(long)]
+    no_qemu: bool,
+    /// Leave out the tap ceiling.
+    #[arg(long)]
+    no_ceiling: bool,
+    /// The ringvm binary (default: the one built beside ringvm-bench).
+    #[arg(long, value_name = "PATH")]
+    ringvm: Option<PathBuf>,
+    /// The ringvm-net binary (default: the one built beside ringvm-bench).
+    #[arg(long, value_name = "PATH")]
+    ringvm_net: Option<PathBuf>,
+    /// The QEMU binary (default: qemu-system-x86_64 on PATH).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_qemu")]
+    qemu: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -310,6 +348,37 @@ fn blk_options(args: BlkArgs) -> Result<blk::BlkOptions> {
     })
 }
 
+fn net_options(args: NetArgs) -> Result<net::NetOptions> {
+    let qemu = if args.no_qemu {
+        net::QemuPlan::Skip("--no-qemu".to_string())
+    } else {
+        match args.qemu.or_else(harness::qemu_path) {
+            Some(path) => net::QemuPlan::Run(path),
+            None => net::QemuPlan::Skip(
+                "qemu-system-x86_64 not found on PATH (install it, or pass --qemu PATH)"
+                    .to_string(),
+            ),
+        }
+    };
+    if args.cases.0.is_empty() {
+        bail!("--cases: no case selected");
+    }
+    let ringvm_net = match args.ringvm_net {
+        Some(path) => path,
+        None => harness::try_binary("ringvm-net")
+            .context("finding the ringvm-net binary (or pass --ringvm-net)")?,
+    };
+    Ok(net::NetOptions {
+        cases: args.cases.0,
+        runtime_s: args.runtime,
+        json: args.json,
+        ringvm: ringvm_binary(args.ringvm)?,
+        ringvm_net,
+        qemu,
+        ceiling: !args.no_ceiling,
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         BenchCommand::ExportGuest { path } => {
@@ -334,6 +403,13 @@ fn run(cli: Cli) -> Result<()> {
                 blk::ImageFormat::Qcow2 => blk::qcow2::run(&options)?.all_ok(),
             };
             if !all_ok {
+                bail!("some runs failed (listed above; their output was printed to stderr)");
+            }
+        }
+        BenchCommand::Net(args) => {
+            let options = net_options(args)?;
+            net::check_privileges().context("ringvm-bench net")?;
+            if !net::run(&options)?.all_ok() {
                 bail!("some runs failed (listed above; their output was printed to stderr)");
             }
         }
@@ -536,6 +612,44 @@ mod tests {
             err.to_string().contains("[possible values: raw, qcow2]"),
             "{err}"
         );
+    }
+
+    fn net_args(args: &[&str]) -> Result<NetArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["ringvm-bench", "net"].iter().chain(args))?;
+        let BenchCommand::Net(args) = cli.command else {
+            panic!("parsed as {cli:?}")
+        };
+        Ok(args)
+    }
+
+    #[test]
+    fn net_defaults_and_flags() {
+        let args = net_args(&[]).unwrap();
+        assert_eq!(args.runtime, 3);
+        assert_eq!(args.cases.0, net::Case::all());
+        assert_eq!(args.json, PathBuf::from("ringvm-bench-net.json"));
+        assert!(!args.no_qemu && !args.no_ceiling);
+        let args = net_args(&["--runtime", "1", "--cases", "tso-rx", "--no-qemu"]).unwrap();
+        assert_eq!(args.runtime, 1);
+        assert_eq!(args.cases.0.len(), 1);
+        let options = net_options(NetArgs {
+            ringvm: Some(PathBuf::from("/x/ringvm")),
+            ringvm_net: Some(PathBuf::from("/x/ringvm-net")),
+            ..args
+        })
+        .unwrap();
+        assert!(matches!(options.qemu, net::QemuPlan::Skip(ref r) if r == "--no-qemu"));
+        assert_eq!(options.ringvm_net, PathBuf::from("/x/ringvm-net"));
+        assert!(options.ceiling);
+        let err = net_args(&["--cases", "64-up"]).unwrap_err();
+        assert!(
+            err.to_string().contains("expected comma-separated SIZE"),
+            "{err}"
+        );
+        let err = net_args(&["--runtime", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--runtime"), "{err}");
+        let err = net_args(&["--no-qemu", "--qemu", "/q"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]

@@ -135,6 +135,12 @@ impl Process {
         })
     }
 
+    /// The process id (the process stays unreaped until [`wait`](Self::wait)
+    /// or [`terminate`](Self::terminate), so it names this process).
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
     /// Whether the process has exited (it stays unreaped).
     pub fn has_exited(&self) -> io::Result<bool> {
         self.poll_exit(Duration::ZERO)

@@ -26,10 +26,10 @@
 
 mod case;
 mod commands;
-mod parse;
+pub(crate) mod parse;
 pub mod qcow2;
 mod qcow2_report;
-mod report;
+pub(crate) mod report;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -739,7 +739,7 @@ fn create_image(path: &Path, len_bytes: u64) -> io::Result<()> {
 }
 
 /// The first three fields of /proc/loadavg.
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|text| {
             text.split_whitespace()
