@@ -75,6 +75,7 @@ pub struct GuestResult {
     pub lost_bytes: Option<u64>,
     pub gso_frames: u64,
     pub csum_offloaded: u64,
+    pub rx_bad_num_buffers: u64,
     pub tsc_khz: u64,
     #[serde(skip)]
     pub raw: Value,
@@ -240,7 +241,7 @@ mod tests {
         \"time_ms\":3000,\"elapsed_ms\":3000,\"elapsed_cycles\":7336266000,\"packets\":90000,\
         \"bytes\":5898240000,\"packets_per_sec\":30000,\"bits_per_sec\":15728640000,\
         \"lost\":null,\"lost_bytes\":65482,\"gso_frames\":90000,\"csum_offloaded\":90000,\
-        \"dropped\":3,\"tx_ring_full\":0,\"notifies\":12,\"queue_size\":256,\
+        \"dropped\":3,\"rx_bad_num_buffers\":1,\"tx_ring_full\":0,\"notifies\":12,\"queue_size\":256,\
         \"mrg_rxbuf\":true,\"event_idx\":true,\"features\":\"0x1200188a3\",\
         \"offloads\":\"csum,guest_csum,host_tso4,guest_tso4\",\"tsc_khz\":2445422}\r";
 
@@ -277,6 +278,7 @@ mod tests {
         assert_eq!(result.size, None);
         assert_eq!(result.lost, None);
         assert_eq!(result.lost_bytes, Some(65_482));
+        assert_eq!(result.rx_bad_num_buffers, 1);
         assert!((result.seconds() - 3.0).abs() < 1e-6);
         assert_eq!(result.raw["notifies"], 12);
         assert!(matches!(

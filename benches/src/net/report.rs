@@ -135,6 +135,10 @@ pub struct Measurement {
     pub tap_dropped: u64,
     pub offloads: String,
     pub gso_frames: u64,
+    /// Guest runs: packets the guest's driver dropped because the device
+    /// returned fewer of their buffers than `num_buffers` says (see the
+    /// net-bench job).
+    pub rx_bad_num_buffers: u64,
     /// The tap's counters over the run.
     pub tap: Option<TapCounters>,
     /// rx: the host's sender.
@@ -160,6 +164,7 @@ impl Measurement {
             tap_dropped: 0,
             offloads: offloads_in_effect(case, 0, 0),
             gso_frames: 0,
+            rx_bad_num_buffers: 0,
             tap: None,
             sender: None,
             cpu_us_per_packet: BTreeMap::new(),
@@ -441,8 +446,20 @@ impl NetReport {
                 ("qemu-vhost", &case.qemu_vhost),
                 ("ceiling", &case.ceiling),
             ] {
-                if let Slot::Failed(why) = slot {
-                    let _ = writeln!(out, "{} {label} FAILED: {why}", case.case);
+                match slot {
+                    Slot::Failed(why) => {
+                        let _ = writeln!(out, "{} {label} FAILED: {why}", case.case);
+                    }
+                    Slot::Done(m) if m.rx_bad_num_buffers > 0 => {
+                        let _ = writeln!(
+                            out,
+                            "{} {label}: the guest dropped {} packets whose receive buffers \
+                             the device returned piecemeal (fewer than num_buffers; virtio 1.2 \
+                             5.1.6.4.2)",
+                            case.case, m.rx_bad_num_buffers
+                        );
+                    }
+                    _ => {}
                 }
             }
         }
@@ -546,10 +563,12 @@ mod tests {
             Slot::Skipped("vhost-net unavailable".to_string()),
             Slot::Done(measurement(MIN_TX, 8_000_000, 0)),
         );
+        let mut piecemeal = measurement(TSO_RX, 60_000, 0);
+        piecemeal.rx_bad_num_buffers = 3;
         let failed = CaseReport::new(
             TSO_RX,
             Slot::Failed("the guest says `net-bench FAILED x`".to_string()),
-            Slot::Done(measurement(TSO_RX, 60_000, 0)),
+            Slot::Done(piecemeal),
             Slot::Skipped("vhost-net unavailable".to_string()),
             Slot::Done(measurement(TSO_RX, 120_000, 0)),
         );
@@ -570,6 +589,10 @@ mod tests {
         assert!(tso.contains("15.73 Gbit/s"), "{tso}");
         assert!(
             table.contains("tso-rx ringvm FAILED: the guest says"),
+            "{table}"
+        );
+        assert!(
+            table.contains("tso-rx qemu: the guest dropped 3 packets whose receive buffers"),
             "{table}"
         );
         assert!(

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::console::{self, Console, ConsoleError, DeviceLine, GuestResult};
 use super::frames::{self, GUEST_MAC, GUEST_PORT};
@@ -39,6 +39,11 @@ const RESULT_MARGIN: Duration = Duration::from_secs(60);
 const VMM_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// QEMU's exit status when the guest exits 0 (isa-debug-exit: (0 << 1) | 1).
 const QEMU_EXIT_FOR_GUEST_SUCCESS: i32 = 1;
+/// After a tx run, how long the frames the guest sent may take to reach the
+/// tap (its transmit ring, 256 frames, is drained by a backend that may not
+/// have run for a while on a loaded machine), and how often to look.
+const TX_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+const TX_DRAIN_POLL: Duration = Duration::from_millis(1);
 /// The go datagram that starts a tx run, and the last one.
 const GO_FRAME: Size = Size::Min64;
 
@@ -141,6 +146,8 @@ pub fn ringvm_command(ringvm: &Path, guest: &Path, socket: &Path, cmdline: &str)
 pub fn qemu_command(qemu: &Path, guest: &Path, cmdline: &str, vhost: bool) -> Command {
     let mut cmd = Command::new(qemu);
     cmd.args(["-accel", "kvm", "-M", "pc", "-m", GUEST_MEMORY, "-smp", "1"])
+        // Thread names (`CPU 0/KVM`), to tell the vCPU's CPU time apart.
+        .args(["-name", "ringvm-bench,debug-threads=on"])
         .args(["-nographic", "-nodefaults", "-serial", "stdio", "-kernel"])
         .arg(guest)
         .args(["-append", cmdline])
@@ -535,7 +542,16 @@ impl Host<'_> {
                 (result?, Some(sender))
             }
         };
-        let tap_delta = self.read_tap()?.since(&tap_before);
+        let mut tap_delta = self.read_tap()?.since(&tap_before);
+        if case.dir == Dir::Tx {
+            // The frames still in the guest's ring when it printed its
+            // result (the backend may not have run since) are on their way.
+            let deadline = Instant::now() + TX_DRAIN_TIMEOUT;
+            while tap_delta.rx_packets < result.packets && Instant::now() < deadline {
+                std::thread::sleep(TX_DRAIN_POLL);
+                tap_delta = self.read_tap()?.since(&tap_before);
+            }
+        }
         let cpu_after = self.watched.sample();
         let wrong = mismatches(case, ready.port, &result);
         if !wrong.is_empty() {
@@ -675,6 +691,7 @@ pub fn measure(
         },
         offloads: report::offloads_in_effect(case, guest.gso_frames, guest.csum_offloaded),
         gso_frames: guest.gso_frames,
+        rx_bad_num_buffers: guest.rx_bad_num_buffers,
         tap: Some(*tap),
         sender: sender.copied(),
         cpu_us_per_packet: BTreeMap::new(),
@@ -721,7 +738,9 @@ mod tests {
             "{line}"
         );
         assert!(
-            line.starts_with("qemu -accel kvm -M pc -m 512M -smp 1 "),
+            line.starts_with(
+                "qemu -accel kvm -M pc -m 512M -smp 1 -name ringvm-bench,debug-threads=on "
+            ),
             "{line}"
         );
         let cmd = qemu_command(Path::new("qemu"), Path::new("/t/g.elf"), "job=x", true);
@@ -787,6 +806,7 @@ mod tests {
             lost_bytes,
             gso_frames: 0,
             csum_offloaded: 0,
+            rx_bad_num_buffers: 0,
             tsc_khz: 1_000_000,
             raw: serde_json::Value::Null,
         }

@@ -56,7 +56,8 @@
 //!  "port":9000,"time_ms":10000,"elapsed_ms":10000,"elapsed_cycles":..,
 //!  "packets":..,"bytes":..,
 //!  "packets_per_sec":..,"bits_per_sec":..,"lost":null,"lost_bytes":null,
-//!  "gso_frames":0,"csum_offloaded":0,"dropped":0,"tx_ring_full":..,
+//!  "gso_frames":0,"csum_offloaded":0,"dropped":0,"rx_bad_num_buffers":0,
+//!  "tx_ring_full":..,
 //!  "notifies":..,"queue_size":256,"mrg_rxbuf":true,"event_idx":true,
 //!  "features":"0x..","offloads":"csum,guest_csum,host_tso4,guest_tso4",
 //!  "tsc_khz":..}
@@ -71,7 +72,11 @@
 //! those whose checksum was left to the device (tx: NEEDS_CSUM) or to the
 //! guest's trust (rx: NEEDS_CSUM or DATA_VALID); `dropped` counts received
 //! frames that were neither benchmark frames nor answered (malformed, or for
-//! another address or port: frames of an earlier run too); `tx_ring_full`
+//! another address or port: frames of an earlier run too), and among them
+//! `rx_bad_num_buffers` the packets the driver dropped because the device
+//! returned fewer buffers than their `num_buffers` says (with MRG_RXBUF a
+//! device must return all of a packet's buffers together, virtio 1.2
+//! 5.1.6.4.2; the buffers that come later count as dropped too); `tx_ring_full`
 //! counts send attempts that found every transmit buffer in flight;
 //! `notifies` the run's notify writes.
 
@@ -88,7 +93,7 @@ use crate::netproto::{
 };
 use crate::tsc::{self, TscRate};
 use crate::virtio::net::{
-    Mac, NetDevice, OFFLOAD_NAMES, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
+    Mac, NetDevice, RxDrop, OFFLOAD_NAMES, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
 };
 use crate::virtio::VIRTIO_F_EVENT_IDX;
 
@@ -170,6 +175,7 @@ struct Bench {
     frame: Vec<u8>,
     reply: Vec<u8>,
     dropped: u64,
+    bad_num_buffers: u64,
 }
 
 impl Bench {
@@ -198,8 +204,11 @@ impl Bench {
     fn recv(&mut self) -> Option<Result<(usize, bool, bool), ()>> {
         match self.device.recv_offloaded(&mut self.frame)? {
             Ok((len, hdr)) => Some(Ok((len, hdr.checksum_offloaded(), hdr.is_gso()))),
-            Err(_) => {
+            Err(why) => {
                 self.dropped += 1;
+                if matches!(why, RxDrop::BadNumBuffers) {
+                    self.bad_num_buffers += 1;
+                }
                 Some(Err(()))
             }
         }
@@ -384,6 +393,7 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
         frame: vec![0u8; RX_FRAME_MAX_BYTES],
         reply: vec![0u8; UDP_FRAME_MAX_BYTES],
         dropped: 0,
+        bad_num_buffers: 0,
     };
     let mut settings = Settings {
         rate,
@@ -398,6 +408,7 @@ pub fn run(boot: &Boot) -> Result<(), JobFailed> {
         // What arrived between runs is not this run's.
         bench.drain(None)?;
         bench.dropped = 0;
+        bench.bad_num_buffers = 0;
         let notifies = bench.device.notifies();
         let dir = match spec {
             RunSpec::Tx { .. } => "tx",
@@ -499,7 +510,7 @@ fn report(
         "result {{\"job\":\"{NAME}\",\"run\":{index},\"dir\":\"{dir}\",\"proto\":{proto},\
          \"size\":{},\"payload\":{},\"port\":{},\"time_ms\":{},\"elapsed_ms\":{},\"elapsed_cycles\":{},\
          \"packets\":{},\"bytes\":{},\"packets_per_sec\":{},\"bits_per_sec\":{},\"lost\":{},\
-         \"lost_bytes\":{},\"gso_frames\":{},\"csum_offloaded\":{},\"dropped\":{},\
+         \"lost_bytes\":{},\"gso_frames\":{},\"csum_offloaded\":{},\"dropped\":{},\"rx_bad_num_buffers\":{},\
          \"tx_ring_full\":{},\"notifies\":{notifies},\"queue_size\":{},\"mrg_rxbuf\":{},\
          \"event_idx\":{},\"features\":\"{:#x}\",\"offloads\":\"{offloads}\",\"tsc_khz\":{}}}",
         Maybe(size),
@@ -517,6 +528,7 @@ fn report(
         totals.gso_frames,
         totals.csum_offloaded,
         bench.dropped,
+        bench.bad_num_buffers,
         totals.tx_ring_full,
         bench.device.queue_sizes().0,
         bench.device.has(VIRTIO_NET_F_MRG_RXBUF),
