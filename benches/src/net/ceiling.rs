@@ -129,7 +129,8 @@ fn read_for(case: Case, queue: &FrameFd, runtime: Duration) -> Result<Measuremen
     let before = stats.read().map_err(io_error("reading its counters"))?;
     let stop = AtomicBool::new(false);
     let (read, sender) = std::thread::scope(|scope| {
-        let sender = scope.spawn(|| packet::send_paced(&socket, TAP_MQ, stream.as_mut(), &stop));
+        // A fresh queue: the frames of an earlier case went with it.
+        let sender = scope.spawn(|| packet::send_paced(&socket, TAP_MQ, stream.as_mut(), &stop, 0));
         let read = read_frames(queue, runtime);
         stop.store(true, Ordering::Relaxed);
         (read, sender.join())

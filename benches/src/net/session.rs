@@ -115,8 +115,8 @@ pub fn guest_cmdline(cases: &[Case], runtime_s: u32) -> String {
     )
 }
 
-fn dotted(ip: [u8; 4]) -> String {
-    format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3])
+fn dotted(ip: [u8; 4]) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(ip)
 }
 
 pub fn ringvm_net_command(ringvm_net: &Path, socket: &Path) -> Command {
@@ -456,6 +456,7 @@ fn drive(
     let mut host = Host {
         socket: &socket,
         stats,
+        backlog: 0,
         vmm,
         process,
         watched,
@@ -483,6 +484,8 @@ fn drive(
 struct Host<'a> {
     socket: &'a PacketSocket,
     stats: TapStats,
+    /// Frames the last rx run's sender left in the tap's queue.
+    backlog: u64,
     vmm: &'a Vmm<'a>,
     process: &'a Process,
     watched: &'a Watched,
@@ -527,15 +530,20 @@ impl Host<'_> {
                     frames::guest(ready.port),
                 );
                 let stop = AtomicBool::new(false);
+                let backlog = self.backlog;
                 let (result, sender) = std::thread::scope(|scope| {
-                    let sender = scope
-                        .spawn(|| packet::send_paced(self.socket, tap, stream.as_mut(), &stop));
+                    let sender = scope.spawn(|| {
+                        packet::send_paced(self.socket, tap, stream.as_mut(), &stop, backlog)
+                    });
                     let result = self.wait_result(console, index);
                     stop.store(true, Ordering::Relaxed);
                     (result, sender.join())
                 });
                 let sender = match sender {
-                    Ok(Ok(totals)) => totals,
+                    Ok(Ok(totals)) => {
+                        self.backlog = totals.in_flight_at_end;
+                        totals
+                    }
                     Ok(Err(err)) => return Err(format!("the host's sender: {err}")),
                     Err(panic) => std::panic::resume_unwind(panic),
                 };
