@@ -127,10 +127,15 @@ fn read_for(case: Case, queue: &FrameFd, runtime: Duration) -> Result<Measuremen
     );
     let mut stats = TapStats::open(TAP_MQ).map_err(io_error("opening its counters"))?;
     let before = stats.read().map_err(io_error("reading its counters"))?;
+    // A fresh queue: nothing of an earlier case is in it.
+    let ledger = packet::Ledger {
+        base: before,
+        sent: 0,
+    };
     let stop = AtomicBool::new(false);
     let (read, sender) = std::thread::scope(|scope| {
-        // A fresh queue: the frames of an earlier case went with it.
-        let sender = scope.spawn(|| packet::send_paced(&socket, TAP_MQ, stream.as_mut(), &stop, 0));
+        let sender =
+            scope.spawn(|| packet::send_paced(&socket, TAP_MQ, stream.as_mut(), &stop, ledger));
         let read = read_frames(queue, runtime);
         stop.store(true, Ordering::Relaxed);
         (read, sender.join())

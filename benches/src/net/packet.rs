@@ -11,9 +11,9 @@
 //!
 //! A tap never pushes back: when its queue towards the reader is full it
 //! drops (counter tx_dropped). So the sender keeps at most a window of frames
-//! in flight, measured with the tap's own counters (frames taken by the
-//! reader plus frames dropped), and sleeps while the window is full: the
-//! reader sets the pace, and the sender leaves the CPU to it.
+//! in flight, measured with the tap's own counters ([`Ledger`]: frames sent
+//! less frames taken by the reader or dropped), and sleeps while the window
+//! is full: the reader sets the pace, and the sender leaves the CPU to it.
 
 use std::io;
 use std::mem;
@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::netns::TapStats;
+use super::netns::{TapCounters, TapStats};
 use super::netproto::{NetHdr, NET_HDR_LEGACY_BYTES};
 
 /// Frames handed to the kernel per sendmmsg(2).
@@ -172,23 +172,43 @@ pub struct SenderTotals {
     pub pauses: u64,
     /// The sender thread's CPU time.
     pub cpu_s: f64,
-    /// Frames still in the tap's queue when the sender stopped (by its
-    /// count), with those it found there.
-    pub in_flight_at_end: u64,
+}
+
+/// Every frame sent into a tap from the host since `base` was read: the
+/// frames in its queue are `sent` less what its counters say was taken or
+/// dropped since. Kept across the runs of a session, so that the frames one
+/// run leaves in the queue count as in flight in the next (else the window
+/// would overfill the queue by as many).
+#[derive(Clone, Copy, Debug)]
+pub struct Ledger {
+    pub base: TapCounters,
+    pub sent: u64,
+}
+
+impl Ledger {
+    /// A ledger from now, for `tap` whose queue holds nothing of ours.
+    pub fn open(stats: &mut TapStats) -> io::Result<Ledger> {
+        Ok(Ledger {
+            base: stats.read()?,
+            sent: 0,
+        })
+    }
+
+    fn in_flight(&self, sent_now: u64, counters: &TapCounters) -> u64 {
+        let done = counters.since(&self.base);
+        (self.sent + sent_now).saturating_sub(done.tx_packets + done.tx_dropped)
+    }
 }
 
 /// Sends the frames of `stream` through `socket` on `tap` until `stop` is
-/// set, keeping the window (see the module doc) against the tap's counters.
-/// `backlog`: frames an earlier sender left in the tap's queue (its
-/// `in_flight_at_end`), which the reader takes or the tap drops before this
-/// sender's: they count as in flight, else the window would overfill the
-/// queue by as many.
+/// set, keeping the window (see the module doc) against the tap's counters
+/// and `ledger` (which the caller then adds the frames sent to).
 pub fn send_paced(
     socket: &PacketSocket,
     tap: &str,
     stream: &mut dyn FrameStream,
     stop: &AtomicBool,
-    backlog: u64,
+    ledger: Ledger,
 ) -> io::Result<SenderTotals> {
     set_timer_slack_ns(1000);
     let frame_len = stream.frame_len();
@@ -202,15 +222,10 @@ pub fn send_paced(
             .expect("room for the legacy header");
     }
     let mut stats = TapStats::open(tap)?;
-    let start = stats.read()?;
     let cpu_start = thread_cpu_s();
     let mut totals = SenderTotals::default();
-    let in_flight = |totals: &SenderTotals, stats: &mut TapStats| -> io::Result<u64> {
-        let now = stats.read()?.since(&start);
-        Ok((backlog + totals.frames).saturating_sub(now.tx_packets + now.tx_dropped))
-    };
     while !stop.load(Ordering::Relaxed) {
-        let in_flight = in_flight(&totals, &mut stats)?;
+        let in_flight = ledger.in_flight(totals.frames, &stats.read()?);
         let room = window.saturating_sub(in_flight) as usize;
         if room < batch {
             totals.pauses += 1;
@@ -229,7 +244,6 @@ pub fn send_paced(
         totals.bytes += (sent * frame_len) as u64;
     }
     totals.cpu_s = thread_cpu_s() - cpu_start;
-    totals.in_flight_at_end = in_flight(&totals, &mut stats)?;
     Ok(totals)
 }
 
@@ -285,6 +299,30 @@ fn set_timer_slack_ns(ns: libc::c_ulong) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_of_earlier_runs_stay_in_flight_until_taken() {
+        let base = TapCounters {
+            tx_packets: 100,
+            tx_dropped: 5,
+            ..TapCounters::default()
+        };
+        let ledger = Ledger { base, sent: 700 };
+        let now = TapCounters {
+            tx_packets: 300,
+            tx_dropped: 5,
+            ..TapCounters::default()
+        };
+        // 700 earlier frames, 200 of them taken since: 500 left, and the
+        // 64 this sender sent.
+        assert_eq!(ledger.in_flight(64, &now), 564);
+        let drained = TapCounters {
+            tx_packets: 900,
+            tx_dropped: 10,
+            ..TapCounters::default()
+        };
+        assert_eq!(ledger.in_flight(0, &drained), 0);
+    }
 
     #[test]
     fn windows_stay_inside_the_taps_queue() {

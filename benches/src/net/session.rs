@@ -452,11 +452,13 @@ fn drive(
     let tap = vmm.tap();
     let socket =
         PacketSocket::open(tap).map_err(|err| format!("AF_PACKET socket on {tap}: {err}"))?;
-    let stats = TapStats::open(tap).map_err(|err| format!("the counters of {tap}: {err}"))?;
+    let mut stats = TapStats::open(tap).map_err(|err| format!("the counters of {tap}: {err}"))?;
+    let ledger =
+        packet::Ledger::open(&mut stats).map_err(|err| format!("the counters of {tap}: {err}"))?;
     let mut host = Host {
         socket: &socket,
         stats,
-        backlog: 0,
+        ledger,
         vmm,
         process,
         watched,
@@ -484,8 +486,8 @@ fn drive(
 struct Host<'a> {
     socket: &'a PacketSocket,
     stats: TapStats,
-    /// Frames the last rx run's sender left in the tap's queue.
-    backlog: u64,
+    /// Every frame this session sent into the tap.
+    ledger: packet::Ledger,
     vmm: &'a Vmm<'a>,
     process: &'a Process,
     watched: &'a Watched,
@@ -530,10 +532,10 @@ impl Host<'_> {
                     frames::guest(ready.port),
                 );
                 let stop = AtomicBool::new(false);
-                let backlog = self.backlog;
+                let ledger = self.ledger;
                 let (result, sender) = std::thread::scope(|scope| {
                     let sender = scope.spawn(|| {
-                        packet::send_paced(self.socket, tap, stream.as_mut(), &stop, backlog)
+                        packet::send_paced(self.socket, tap, stream.as_mut(), &stop, ledger)
                     });
                     let result = self.wait_result(console, index);
                     stop.store(true, Ordering::Relaxed);
@@ -541,7 +543,7 @@ impl Host<'_> {
                 });
                 let sender = match sender {
                     Ok(Ok(totals)) => {
-                        self.backlog = totals.in_flight_at_end;
+                        self.ledger.sent += totals.frames;
                         totals
                     }
                     Ok(Err(err)) => return Err(format!("the host's sender: {err}")),
@@ -579,7 +581,7 @@ impl Host<'_> {
         Ok(measurement)
     }
 
-    fn say_bye(&self, console: &mut Console) -> Result<(), String> {
+    fn say_bye(&mut self, console: &mut Console) -> Result<(), String> {
         let port = console
             .wait_for(
                 "`net-bench done`",
@@ -593,13 +595,15 @@ impl Host<'_> {
     }
 
     /// The datagram that starts a tx run (and ends the job).
-    fn send_go(&self, port: u16) -> std::io::Result<()> {
+    fn send_go(&mut self, port: u16) -> std::io::Result<()> {
         let (header, go) = frames::first_frame(
             GO_FRAME,
             frames::host(self.vmm.tap_mac()),
             frames::guest(port),
         );
-        packet::send_one(self.socket, header, &go)
+        packet::send_one(self.socket, header, &go)?;
+        self.ledger.sent += 1;
+        Ok(())
     }
 
     fn read_tap(&mut self) -> Result<TapCounters, String> {
