@@ -40,7 +40,8 @@ impl Endpoint {
     }
 }
 
-/// The host's end of the frames to or from the guest on port `port`.
+/// The host's end of what it sends the guest: the tap's MAC, as if the
+/// host's stack sent it through the tap.
 pub fn host(tap_mac: [u8; 6]) -> Endpoint {
     Endpoint {
         mac: tap_mac,
@@ -49,6 +50,7 @@ pub fn host(tap_mac: [u8; 6]) -> Endpoint {
     }
 }
 
+/// The guest on one of its ports.
 pub fn guest(port: u16) -> Endpoint {
     Endpoint {
         mac: GUEST_MAC,
