@@ -1,7 +1,7 @@
 //! The ceiling: how fast this host moves the cases' frames through a tap
 //! with nothing behind it but the kernel. It opens the multi-queue tap with
 //! ringvm-net's own tap code (one queue, IFF_VNET_HDR with the 12-byte
-//! header, non-blocking) and
+//! header, non-blocking, attached) and
 //!
 //! - tx: writes the frames the guest would send (one write per frame, the
 //!   TSO ones with their GSO header) as fast as it can; the rate is what the
@@ -58,6 +58,10 @@ fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> CeilingError {
 pub fn run(case: Case, runtime_s: u32) -> Result<Measurement, CeilingError> {
     let runtime = Duration::from_secs(u64::from(runtime_s));
     let tap = tap::open_tap(TAP_MQ, 1).map_err(CeilingError::Tap)?;
+    // open_tap leaves the queue detached until its pair is enabled, as
+    // ringvm-net does when the guest turns the pair on.
+    tap.set_queue_attached(0, true)
+        .map_err(io_error("attaching its queue"))?;
     let queue = &tap.queues[0];
     match case.dir {
         Dir::Tx => write_for(case, queue, runtime),
