@@ -21,4 +21,5 @@ pub mod queue;
 pub mod rx;
 pub mod tap;
 pub mod tx;
+pub mod used;
 pub mod vring;

@@ -41,6 +41,7 @@ use crate::counters::{add, inc, PairCounters};
 use crate::rx::RxStash;
 use crate::tap::{FrameFd, IoVec, Tap};
 use crate::tx::tx_iovecs;
+use crate::used;
 use crate::vring::{is_live, NetVring};
 
 /// Guest RAM as the backend maps it from the frontend's memory table.
@@ -406,30 +407,25 @@ impl PairWorker {
         self.reset();
     }
 
-    /// Adds a batch to the used ring and signals the guest once, if it
-    /// asked to be (EVENT_IDX).
+    /// Adds a batch to the used ring with one store of the used index (a
+    /// merged frame's buffers reach the driver together: used.rs) and
+    /// signals the guest once, if it asked to be (EVENT_IDX).
     fn publish(
         &mut self,
         state: &mut VringState<GuestRamAtomic>,
         entries: impl Iterator<Item = (u16, u32)>,
     ) {
-        let mut any = false;
-        let mut failed = None;
-        for (head, len) in entries {
-            any = true;
-            if let Err(err) = state.add_used(head, len) {
-                failed = Some((head, err));
-            }
-        }
-        if !any {
-            return;
-        }
-        if let Some((head, err)) = failed {
+        let mem = self.mem.memory();
+        let published = used::publish(state.get_queue_mut(), &*mem, entries);
+        if let Some((head, why)) = &published.failed {
             self.warn(format_args!(
-                "cannot add head {head} to the used ring: {err}"
+                "cannot add head {head} to the used ring: {why}"
             ));
         }
-        if !state.needs_notification().unwrap_or(true) {
+        if published.old == published.new {
+            return;
+        }
+        if !used::needs_interrupt(state.get_queue(), &*mem, published.old, published.new) {
             inc(&self.counters.notifications_suppressed);
             return;
         }
