@@ -86,6 +86,11 @@ pub struct ScanReport {
     /// Host clusters whose refcount is higher than their uses (harmless:
     /// space `qemu-img check -r leaks` would give back).
     pub leaked_clusters: u64,
+    /// Every metadata cluster the scan found (header, L1 table, refcount
+    /// table, refblocks, and the L2 tables of valid L1 entries), by host
+    /// cluster index: for checks that data never lands on metadata (the
+    /// qcow2_image fuzz target).
+    pub metadata: HashMap<u64, MetaCluster>,
 }
 
 /// Checks every table entry of the image described by `layout`.
@@ -99,6 +104,7 @@ pub fn scan(file: &File, path: &Path, layout: &Qcow2Layout) -> Result<ScanReport
     }
     scanner.report.l2_tables = l2_tables.len() as u64;
     scanner.compare_refcounts(&refblocks, &l2_tables)?;
+    scanner.report.metadata = scanner.meta;
     Ok(scanner.report)
 }
 
@@ -524,6 +530,30 @@ mod tests {
         let empty = qcow2(dir.path(), "e.qcow2", "10G", "cluster_size=4k");
         let report = scan_path(&empty).unwrap();
         assert_eq!((report.allocated_clusters, report.l2_tables), (0, 0));
+    }
+
+    #[test]
+    fn the_report_lists_every_metadata_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(dir.path());
+        let o = offsets(&path);
+        let report = scan_path(&path).unwrap();
+        let mut listed: Vec<(u64, MetaCluster)> = report
+            .metadata
+            .iter()
+            .map(|(&cluster, &kind)| (cluster * CLUSTER, kind))
+            .collect();
+        listed.sort_by_key(|&(offset, _)| offset);
+        let mut expected = vec![
+            (0, MetaCluster::Header),
+            (o.l1, MetaCluster::L1Table),
+            (o.reftable, MetaCluster::RefcountTable),
+            (o.refblock, MetaCluster::Refblock(0)),
+            (o.l2, MetaCluster::L2Table(0)),
+            (o.l2_second, MetaCluster::L2Table(1)),
+        ];
+        expected.sort_by_key(|&(offset, _)| offset);
+        assert_eq!(listed, expected);
     }
 
     #[test]
