@@ -26,6 +26,9 @@
 //!   ([`super::meta::scan`]); a request touching a cluster whose entry
 //!   failed validation never reaches qcow2-rs: it gets IOERR and the image
 //!   is marked corrupt, so no write can follow a bad entry onto metadata.
+//!   The rest of the image is still served: qcow2-rs, which refuses the
+//!   corrupt bit, does not see it when a discard opens the image again, and
+//!   keeps it in the headers it writes ([`super::io`]).
 //! - **Panics.** Each task is polled under `catch_unwind`. A task that
 //!   panics gets IOERR, and from then on every request does: qcow2-rs's
 //!   locks and caches can no longer be trusted. Its I/O may still be in
@@ -190,6 +193,11 @@ fn build_dev(core: &Rc<IoCore>, chain: &[ChainImage], readonly: bool) -> Result<
         let mut buf = vec![0u8; HEADER_READ_BYTES];
         read_prefix(&image.file, &mut buf)
             .map_err(|err| format!("{}: cannot read the header: {err}", image.path.display()))?;
+        if !is_backing && core.corrupt_marked() {
+            // Opening again after a discard: the corrupt bit is ours (set on
+            // a bad entry, which stays refused), and qcow2-rs refuses it.
+            meta::set_corrupt_bit(&mut buf, 0, false);
+        }
         // Our own parser validated this header (meta::read_layout): qcow2-rs
         // only sees headers it can parse without panicking.
         let header = Qcow2Header::from_buf(&buf)
@@ -315,7 +323,6 @@ struct State {
     /// Writing metadata failed (a full disk): FLUSH fails from now on, and
     /// writes are served only where no allocation is needed.
     metadata_failed: Cell<bool>,
-    corrupt_marked: Cell<bool>,
     /// Tasks started and not finished.
     running: Cell<usize>,
     /// A barrier task runs: nothing else starts.
@@ -371,7 +378,6 @@ fn run(
         cluster_bits,
         failed: Cell::new(false),
         metadata_failed: Cell::new(false),
-        corrupt_marked: Cell::new(false),
         running: Cell::new(0),
         barrier: Cell::new(false),
         finished: RefCell::new(Vec::new()),
@@ -587,8 +593,8 @@ impl State {
             .counters()
             .corrupt_entry_requests
             .fetch_add(1, Ordering::Relaxed);
-        if !self.corrupt_marked.get() {
-            self.corrupt_marked.set(true);
+        if !self.core.corrupt_marked() {
+            self.core.set_corrupt_marked();
             let what = (first..=last)
                 .find_map(|c| self.bad.describe(c))
                 .unwrap_or_default();
@@ -881,6 +887,100 @@ mod tests {
         assert!(matches!(polled, Ok(Poll::Ready(None))), "no panic escapes");
         // Polled again (a stray wakeup): still None, the future is gone.
         assert_eq!(Pin::new(&mut contained).poll(&mut cx), Poll::Ready(None));
+    }
+
+    /// One operation through a queue engine, waited for.
+    fn serve_one(engine: &mut dyn crate::engine::Engine, op: crate::engine::EngineOp<'_>) -> i32 {
+        // SAFETY: the callers' buffers outlive this call, which returns
+        // only after the completion is reaped.
+        unsafe { engine.push(op, 7) }.unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            engine.wait().unwrap();
+            engine.reap(&mut done);
+        }
+        assert_eq!(done[0].tag, 7);
+        done[0].result
+    }
+
+    fn read(engine: &mut dyn crate::engine::Engine, offset: u64, buf: &mut [u8]) -> i32 {
+        let iovecs = [IoVec::new(buf.as_mut_ptr(), buf.len())];
+        let op = crate::engine::EngineOp::Readv {
+            file: 0,
+            offset,
+            iovecs: &iovecs,
+        };
+        serve_one(engine, op)
+    }
+
+    fn write(engine: &mut dyn crate::engine::Engine, offset: u64, buf: &mut [u8]) -> i32 {
+        let iovecs = [IoVec::new(buf.as_mut_ptr(), buf.len())];
+        let op = crate::engine::EngineOp::Writev {
+            file: 0,
+            offset,
+            iovecs: &iovecs,
+        };
+        serve_one(engine, op)
+    }
+
+    /// Found by the qcow2_image fuzz target: after a request touched a bad
+    /// L2 entry (and the corrupt bit was set), the next discard opened the
+    /// image again through qcow2-rs, which refused the corrupt bit, and the
+    /// whole disk failed every request from then on.
+    #[test]
+    fn a_discard_after_a_bad_entry_keeps_the_rest_of_the_image_served() {
+        use crate::engine::{EngineOp, FallocateMode};
+        use crate::image::{ImageFormat, OpenOptions};
+        const CLUSTER: u64 = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        meta::create(&path, 1 << 20, CLUSTER).unwrap();
+        {
+            let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+            let mut engine = image.queue_engine().unwrap().unwrap();
+            let mut data = vec![0x5a; 8 * CLUSTER as usize];
+            assert_eq!(write(&mut *engine, 0, &mut data), data.len() as i32);
+        }
+        // Guest cluster 3's L2 entry gets a reserved bit.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let read_u64 = |at: u64| {
+            let mut word = [0u8; 8];
+            file.read_exact_at(&mut word, at).unwrap();
+            u64::from_be_bytes(word)
+        };
+        let l2 = read_u64(read_u64(40)) & 0x00ff_ffff_ffff_fe00;
+        let entry = read_u64(l2 + 3 * 8) | 2;
+        file.write_all_at(&entry.to_be_bytes(), l2 + 3 * 8).unwrap();
+
+        let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+        let mut engine = image.queue_engine().unwrap().unwrap();
+        let mut buf = vec![0u8; CLUSTER as usize];
+        assert_eq!(read(&mut *engine, 3 * CLUSTER, &mut buf), -libc::EIO);
+        let discard = EngineOp::Fallocate {
+            file: 0,
+            offset: CLUSTER,
+            len_bytes: CLUSTER,
+            mode: FallocateMode::PunchHole,
+        };
+        assert_eq!(serve_one(&mut *engine, discard), 0, "the discard");
+        assert_eq!(read(&mut *engine, 0, &mut buf), CLUSTER as i32);
+        assert!(buf.iter().all(|&b| b == 0x5a), "cluster 0 kept its data");
+        assert_eq!(read(&mut *engine, CLUSTER, &mut buf), CLUSTER as i32);
+        assert!(buf.iter().all(|&b| b == 0), "cluster 1 was discarded");
+        buf.fill(0xa5);
+        assert_eq!(write(&mut *engine, 2 * CLUSTER, &mut buf), CLUSTER as i32);
+        assert_eq!(read(&mut *engine, 3 * CLUSTER, &mut buf), -libc::EIO);
+        let counters = image.counters().unwrap();
+        drop(engine);
+        drop(image);
+        assert_eq!(counters.panics.load(Ordering::Relaxed), 0);
+        // The bit stays for `qemu-img check -r` to see.
+        let err = meta::read_layout(&file, &path).unwrap_err();
+        assert!(err.to_string().contains("corrupt bit"), "{err}");
     }
 
     #[test]

@@ -543,6 +543,30 @@ pub fn mark_corrupt(file: &File) -> io::Result<()> {
     file.sync_data()
 }
 
+/// Sets or clears the corrupt bit in `bytes`, a piece of the file that
+/// starts at file offset `offset`, if it holds the byte with that bit.
+///
+/// For the owner thread: qcow2-rs refuses a header with the corrupt bit
+/// (it knows no incompatible feature), so the bit the owner set on a bad
+/// entry is cleared in the header qcow2-rs is given when it opens the image
+/// again (after a discard), and set in every header qcow2-rs writes.
+pub fn set_corrupt_bit(bytes: &mut [u8], offset: u64, set: bool) {
+    let byte_at = INCOMPATIBLE_OFFSET + 7;
+    let mask = INCOMPAT_CORRUPT as u8;
+    let Some(byte) = byte_at
+        .checked_sub(offset)
+        .and_then(|at| usize::try_from(at).ok())
+        .and_then(|at| bytes.get_mut(at))
+    else {
+        return;
+    };
+    if set {
+        *byte |= mask;
+    } else {
+        *byte &= !mask;
+    }
+}
+
 /// Zeroes the autoclear feature bits of an image opened for writing, as
 /// QEMU does for the bits it does not maintain (persistent bitmaps, ...):
 /// we change the data without updating what they describe. A no-op when

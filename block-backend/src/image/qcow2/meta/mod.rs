@@ -33,7 +33,9 @@ pub mod unmap;
 mod testutil;
 
 pub use create::create;
-pub use header::{clear_autoclear, mark_corrupt, read_layout, Backing, Qcow2Layout};
+pub use header::{
+    clear_autoclear, mark_corrupt, read_layout, set_corrupt_bit, Backing, Qcow2Layout,
+};
 pub use scan::{scan, BadClusters, ScanReport};
 pub use unmap::{unmap, UnmapMode, UnmapOutcome};
 
