@@ -123,6 +123,7 @@ impl Qcow2Image {
         let owner = owner::Owner::start(owner::OwnerConfig {
             chain,
             bad: report.bad,
+            bad_past_end: report.bad_past_end,
             readonly: options.readonly,
             counters: Arc::clone(&counters),
         })?;

@@ -26,9 +26,12 @@
 //!   ([`super::meta::scan`]); a request touching a cluster whose entry
 //!   failed validation never reaches qcow2-rs: it gets IOERR and the image
 //!   is marked corrupt, so no write can follow a bad entry onto metadata.
-//!   The rest of the image is still served: qcow2-rs, which refuses the
-//!   corrupt bit, does not see it when a discard opens the image again, and
-//!   keeps it in the headers it writes ([`super::io`]).
+//!   An entry pointing past the end of the file would map whatever the
+//!   image allocates there once the file has grown: with such entries the
+//!   image is marked corrupt at open. The rest of the image is still
+//!   served: qcow2-rs, which refuses the corrupt bit, does not see it when
+//!   a discard opens the image again, and keeps it in the headers it
+//!   writes ([`super::io`]).
 //! - **Panics.** Each task is polled under `catch_unwind`. A task that
 //!   panics gets IOERR, and from then on every request does: qcow2-rs's
 //!   locks and caches can no longer be trusted. Its I/O may still be in
@@ -87,6 +90,9 @@ pub struct ChainImage {
 pub struct OwnerConfig {
     pub chain: Vec<ChainImage>,
     pub bad: BadClusters,
+    /// Bad entries of the top image pointing past the end of its file
+    /// ([`meta::ScanReport::bad_past_end`]).
+    pub bad_past_end: u64,
     pub readonly: bool,
     pub counters: Arc<ImageCounters>,
 }
@@ -323,6 +329,8 @@ struct State {
     /// Writing metadata failed (a full disk): FLUSH fails from now on, and
     /// writes are served only where no allocation is needed.
     metadata_failed: Cell<bool>,
+    /// A request touched a bad entry (logged once).
+    bad_logged: Cell<bool>,
     /// Tasks started and not finished.
     running: Cell<usize>,
     /// A barrier task runs: nothing else starts.
@@ -340,6 +348,7 @@ fn run(
     let OwnerConfig {
         chain,
         bad,
+        bad_past_end,
         readonly,
         counters,
     } = config;
@@ -368,6 +377,21 @@ fn run(
             return;
         }
     };
+    if bad_past_end > 0 && !readonly {
+        // Once the file grows over where they point, these entries would
+        // map the clusters allocated there: after a restart, a read of their
+        // guest clusters would return another cluster's data, and a write
+        // would overwrite it (or a table). The corrupt bit keeps the image
+        // from being opened again before a repair.
+        error!(
+            "{}: {bad_past_end} table entries point past the end of the file;              marking the image corrupt (the rest of it is served)",
+            chain[0].path.display()
+        );
+        core.set_corrupt_marked();
+        if let Err(err) = meta::mark_corrupt(&chain[0].file) {
+            error!("cannot set the corrupt bit: {err}");
+        }
+    }
     let cluster_bits = chain[0].layout.cluster_bits;
     let state = Rc::new(State {
         core: Rc::clone(&core),
@@ -378,6 +402,7 @@ fn run(
         cluster_bits,
         failed: Cell::new(false),
         metadata_failed: Cell::new(false),
+        bad_logged: Cell::new(false),
         running: Cell::new(0),
         barrier: Cell::new(false),
         finished: RefCell::new(Vec::new()),
@@ -593,8 +618,8 @@ impl State {
             .counters()
             .corrupt_entry_requests
             .fetch_add(1, Ordering::Relaxed);
-        if !self.core.corrupt_marked() {
-            self.core.set_corrupt_marked();
+        if !self.bad_logged.get() {
+            self.bad_logged.set(true);
             let what = (first..=last)
                 .find_map(|c| self.bad.describe(c))
                 .unwrap_or_default();
@@ -603,10 +628,11 @@ impl State {
                  refusing them and marking the image corrupt",
                 self.chain[0].path.display()
             );
-            if !self.readonly {
-                if let Err(err) = meta::mark_corrupt(&self.chain[0].file) {
-                    error!("cannot set the corrupt bit: {err}");
-                }
+        }
+        if !self.readonly && !self.core.corrupt_marked() {
+            self.core.set_corrupt_marked();
+            if let Err(err) = meta::mark_corrupt(&self.chain[0].file) {
+                error!("cannot set the corrupt bit: {err}");
             }
         }
         true
@@ -979,6 +1005,63 @@ mod tests {
         drop(image);
         assert_eq!(counters.panics.load(Ordering::Relaxed), 0);
         // The bit stays for `qemu-img check -r` to see.
+        let err = meta::read_layout(&file, &path).unwrap_err();
+        assert!(err.to_string().contains("corrupt bit"), "{err}");
+    }
+
+    /// Found by the qcow2_image fuzz target: an L1 entry pointing past the
+    /// end of the file was refused only while the file was shorter; the
+    /// session's writes grew the file over its target, and the next open
+    /// took the data cluster allocated there for that entry's L2 table.
+    #[test]
+    fn entries_past_the_end_of_the_file_mark_the_image_corrupt_at_open() {
+        use crate::image::{ImageFormat, OpenOptions};
+        const CLUSTER: u64 = 4096;
+        const COPIED: u64 = 1 << 63;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        // 8 MiB: four L1 entries of 2 MiB.
+        meta::create(&path, 8 << 20, CLUSTER).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut word = [0u8; 8];
+        file.read_exact_at(&mut word, 40).unwrap();
+        let l1 = u64::from_be_bytes(word);
+        let len = file.metadata().unwrap().len();
+        let target = len.next_multiple_of(CLUSTER) + 2 * CLUSTER;
+        file.write_all_at(&(COPIED | target).to_be_bytes(), l1 + 8)
+            .unwrap();
+        let corrupt_bit = || {
+            let mut byte = [0u8];
+            file.read_exact_at(&mut byte, 79).unwrap();
+            byte[0] & 2 != 0
+        };
+
+        let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+        assert!(corrupt_bit(), "marked at open, before any request");
+        let mut engine = image.queue_engine().unwrap().unwrap();
+        let mut data = vec![0x5a; 4 * CLUSTER as usize];
+        assert_eq!(write(&mut *engine, 0, &mut data), data.len() as i32);
+        let mut buf = vec![0u8; CLUSTER as usize];
+        assert_eq!(read(&mut *engine, 2 << 20, &mut buf), -libc::EIO);
+        let discard = crate::engine::EngineOp::Fallocate {
+            file: 0,
+            offset: 0,
+            len_bytes: CLUSTER,
+            mode: crate::engine::FallocateMode::PunchHole,
+        };
+        assert_eq!(serve_one(&mut *engine, discard), 0, "served after the mark");
+        assert_eq!(read(&mut *engine, CLUSTER, &mut buf), CLUSTER as i32);
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        drop(engine);
+        drop(image);
+        assert!(
+            file.metadata().unwrap().len() > target,
+            "the file grew over the entry's target"
+        );
         let err = meta::read_layout(&file, &path).unwrap_err();
         assert!(err.to_string().contains("corrupt bit"), "{err}");
     }

@@ -86,6 +86,10 @@ pub struct ScanReport {
     /// Host clusters whose refcount is higher than their uses (harmless:
     /// space `qemu-img check -r leaks` would give back).
     pub leaked_clusters: u64,
+    /// Bad L1 and L2 entries that point past the end of the file. Once the
+    /// file grows over their target, they would map whatever the image
+    /// allocates there (the owner marks such an image corrupt at open).
+    pub bad_past_end: u64,
     /// Every metadata cluster the scan found (header, L1 table, refcount
     /// table, refblocks, and the L2 tables of valid L1 entries), by host
     /// cluster index: for checks that data never lands on metadata (the
@@ -263,6 +267,7 @@ impl<'a> Scanner<'a> {
                     .checked_add(self.cluster_bytes)
                     .is_none_or(|end| end > layout.file_len)
                 {
+                    self.report.bad_past_end += 1;
                     Some(format!(
                         "points past the end of the file ({} bytes)",
                         layout.file_len
@@ -336,6 +341,7 @@ impl<'a> Scanner<'a> {
                 // The cluster may end past the end of the file: its tail
                 // reads as zeroes.
                 if offset >= file_len {
+                    self.report.bad_past_end += 1;
                     return Some(format!(
                         "points past the end of the file ({file_len} bytes)"
                     ));
@@ -351,6 +357,7 @@ impl<'a> Scanner<'a> {
                 // QEMU counts whole sectors: the last may run past the end of
                 // a file whose length is not a multiple of 512.
                 if offset >= file_len || end > file_len.next_multiple_of(512) {
+                    self.report.bad_past_end += 1;
                     return Some(format!(
                         "has compressed data at {offset:#x}..{end:#x}, past the end of the file ({file_len} bytes)"
                     ));
