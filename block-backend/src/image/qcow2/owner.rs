@@ -32,6 +32,10 @@
 //!   served: qcow2-rs, which refuses the corrupt bit, does not see it when
 //!   a discard opens the image again, and keeps it in the headers it
 //!   writes ([`super::io`]).
+//! - **Reads that stop early.** A read spanning clusters ends at the first
+//!   cluster qcow2-rs cannot read (corrupt compressed data) and reports
+//!   success with a short count: a read is answered OK only when all of it
+//!   was read.
 //! - **Panics.** Each task is polled under `catch_unwind`. A task that
 //!   panics gets IOERR, and from then on every request does: qcow2-rs's
 //!   locks and caches can no longer be trusted. Its I/O may still be in
@@ -590,6 +594,17 @@ async fn serve(state: &Rc<State>, op: VirtualOp) -> i32 {
     }
 }
 
+/// A read of `want` bytes by qcow2-rs, which answers a read spanning
+/// clusters with the bytes before the first cluster it could not read (a
+/// corrupt compressed cluster) instead of an error; the rest of the buffer
+/// is left as it was, and must not reach the guest as data.
+fn read_whole(read: Qcow2Result<usize>, want: usize) -> Qcow2Result<()> {
+    match read? {
+        n if n == want => Ok(()),
+        n => Err(std::io::Error::other(format!("qcow2-rs read {n} of {want} bytes")).into()),
+    }
+}
+
 fn total_len(iovecs: &[IoVec]) -> u64 {
     iovecs.iter().map(|iov| iov.len_bytes() as u64).sum()
 }
@@ -663,7 +678,8 @@ impl State {
             futures::future::join_all(reads)
                 .await
                 .into_iter()
-                .try_for_each(|r| r.map(|_| ()))
+                .zip(iovecs)
+                .try_for_each(|(read, iov)| read_whole(read, iov.len_bytes()))
         } else {
             // Buffers that are not whole sectors: through a bounce buffer.
             let mut bounce = vec![0u8; len as usize];
@@ -671,8 +687,8 @@ impl State {
             let result = self
                 .core
                 .with_data(ptr, len, true, dev.read_at(&mut bounce, offset))
-                .await
-                .map(|_| ());
+                .await;
+            let result = read_whole(result, len);
             if result.is_ok() {
                 let mut done = 0;
                 for iov in iovecs {
@@ -1064,6 +1080,63 @@ mod tests {
         );
         let err = meta::read_layout(&file, &path).unwrap_err();
         assert!(err.to_string().contains("corrupt bit"), "{err}");
+    }
+
+    /// Found by the qcow2_image fuzz target: a read spanning clusters, one
+    /// of which holds compressed data that does not inflate, was answered
+    /// OK, with the bytes of that cluster and those after it never written.
+    #[test]
+    fn a_read_of_a_cluster_that_does_not_decompress_fails_whole() {
+        use crate::image::{ImageFormat, OpenOptions};
+        const CLUSTER: u64 = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        meta::create(&path, 1 << 20, CLUSTER).unwrap();
+        {
+            let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+            let mut engine = image.queue_engine().unwrap().unwrap();
+            let mut data = vec![0x5a; 3 * CLUSTER as usize];
+            // 0xff opens a deflate block of the reserved type 3.
+            data[CLUSTER as usize..2 * CLUSTER as usize].fill(0xff);
+            assert_eq!(write(&mut *engine, 0, &mut data), data.len() as i32);
+        }
+        // Guest cluster 1 becomes one compressed sector, at its own cluster.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let read_u64 = |at: u64| {
+            let mut word = [0u8; 8];
+            file.read_exact_at(&mut word, at).unwrap();
+            u64::from_be_bytes(word)
+        };
+        let l2 = read_u64(read_u64(40)) & 0x00ff_ffff_ffff_fe00;
+        let host = read_u64(l2 + 8) & 0x00ff_ffff_ffff_fe00;
+        let compressed = 1u64 << 62 | host;
+        file.write_all_at(&compressed.to_be_bytes(), l2 + 8)
+            .unwrap();
+
+        let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+        let mut engine = image.queue_engine().unwrap().unwrap();
+        let mut buf = vec![0u8; CLUSTER as usize];
+        assert_eq!(read(&mut *engine, 2 * CLUSTER, &mut buf), CLUSTER as i32);
+        assert!(buf.iter().all(|&b| b == 0x5a));
+        assert_eq!(read(&mut *engine, CLUSTER, &mut buf), -libc::EIO);
+        let mut three = vec![0u8; 3 * CLUSTER as usize];
+        assert_eq!(read(&mut *engine, 0, &mut three), -libc::EIO, "one iovec");
+        // Unaligned iovecs go through the owner's bounce buffer.
+        let (a, b) = three.split_at_mut(1000);
+        let iovecs = [
+            IoVec::new(a.as_mut_ptr(), a.len()),
+            IoVec::new(b.as_mut_ptr(), b.len()),
+        ];
+        let op = crate::engine::EngineOp::Readv {
+            file: 0,
+            offset: 0,
+            iovecs: &iovecs,
+        };
+        assert_eq!(serve_one(&mut *engine, op), -libc::EIO, "two iovecs");
     }
 
     #[test]
