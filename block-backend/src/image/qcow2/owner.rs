@@ -32,6 +32,10 @@
 //!   served: qcow2-rs, which refuses the corrupt bit, does not see it when
 //!   a discard opens the image again, and keeps it in the headers it
 //!   writes ([`super::io`]).
+//! - **An empty backing file name.** A header whose backing file offset
+//!   is set with a name length of 0 has no backing file (QEMU, our parser);
+//!   qcow2-rs would see one named "" and fail every write to an
+//!   unallocated cluster: it is given the header without the offset.
 //! - **Reads that stop early.** A read spanning clusters ends at the first
 //!   cluster qcow2-rs cannot read (corrupt compressed data) and reports
 //!   success with a short count: a read is answered OK only when all of it
@@ -203,6 +207,7 @@ fn build_dev(core: &Rc<IoCore>, chain: &[ChainImage], readonly: bool) -> Result<
         let mut buf = vec![0u8; HEADER_READ_BYTES];
         read_prefix(&image.file, &mut buf)
             .map_err(|err| format!("{}: cannot read the header: {err}", image.path.display()))?;
+        meta::clear_empty_backing(&mut buf);
         if !is_backing && core.corrupt_marked() {
             // Opening again after a discard: the corrupt bit is ours (set on
             // a bad entry, which stays refused), and qcow2-rs refuses it.
@@ -1137,6 +1142,34 @@ mod tests {
             iovecs: &iovecs,
         };
         assert_eq!(serve_one(&mut *engine, op), -libc::EIO, "two iovecs");
+    }
+
+    /// Found by the qcow2_image fuzz target: a header with a backing file
+    /// offset but a name length of 0 (no backing file, for QEMU and for
+    /// read_layout) made every write to an unallocated cluster fail.
+    #[test]
+    fn a_backing_file_offset_without_a_name_is_no_backing_file() {
+        use crate::image::{ImageFormat, OpenOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        meta::create(&path, 1 << 20, 4096).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.write_all_at(&0x100u64.to_be_bytes(), 8).unwrap();
+        let layout = meta::read_layout(&file, &path).unwrap();
+        assert_eq!(layout.backing, None);
+
+        let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+        let mut engine = image.queue_engine().unwrap().unwrap();
+        let mut data = vec![0x5a; 6144];
+        assert_eq!(write(&mut *engine, 2048, &mut data), data.len() as i32);
+        let mut back = vec![0u8; 8192];
+        assert_eq!(read(&mut *engine, 0, &mut back), back.len() as i32);
+        assert!(back[..2048].iter().all(|&b| b == 0));
+        assert!(back[2048..].iter().all(|&b| b == 0x5a));
     }
 
     #[test]

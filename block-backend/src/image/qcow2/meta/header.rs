@@ -32,6 +32,9 @@ const V3_MIN_HEADER_BYTES: usize = 104;
 /// Byte offsets of the header fields written by [`mark_corrupt`] and
 /// [`clear_autoclear`].
 pub(super) const INCOMPATIBLE_OFFSET: u64 = 72;
+/// Header fields `backing_file_offset` (u64) and `backing_file_size` (u32).
+const BACKING_OFFSET: usize = 8;
+const BACKING_LEN_OFFSET: usize = 16;
 pub(super) const AUTOCLEAR_OFFSET: u64 = 88;
 
 pub const MIN_CLUSTER_BITS: u32 = 9;
@@ -244,8 +247,8 @@ pub(super) fn parse_layout(file: &File, path: &Path) -> Result<Qcow2Layout, Meta
         )));
     }
 
-    let backing_offset = be_u64(&header, 8);
-    let backing_len = be_u32(&header, 16);
+    let backing_offset = be_u64(&header, BACKING_OFFSET);
+    let backing_len = be_u32(&header, BACKING_LEN_OFFSET);
     let (backing_name, extensions_end) = if backing_offset != 0 && backing_len != 0 {
         if backing_len > MAX_BACKING_NAME_BYTES {
             return Err(malformed(format!(
@@ -564,6 +567,18 @@ pub fn set_corrupt_bit(bytes: &mut [u8], offset: u64, set: bool) {
         *byte |= mask;
     } else {
         *byte &= !mask;
+    }
+}
+
+/// Clears the backing file offset of a header (`bytes`, from file offset 0)
+/// that sets it with a name length of 0: QEMU and [`read_layout`] see no
+/// backing file there, qcow2-rs sees one named "" and fails every write
+/// to an unallocated cluster (its copy-on-write finds no backing file).
+pub fn clear_empty_backing(bytes: &mut [u8]) {
+    if be_u32(bytes, BACKING_LEN_OFFSET) == 0 {
+        if let Some(offset) = bytes.get_mut(BACKING_OFFSET..BACKING_OFFSET + 8) {
+            offset.fill(0);
+        }
     }
 }
 

@@ -34,7 +34,8 @@ mod testutil;
 
 pub use create::create;
 pub use header::{
-    clear_autoclear, mark_corrupt, read_layout, set_corrupt_bit, Backing, Qcow2Layout,
+    clear_autoclear, clear_empty_backing, mark_corrupt, read_layout, set_corrupt_bit, Backing,
+    Qcow2Layout,
 };
 pub use scan::{scan, BadClusters, ScanReport};
 pub use unmap::{unmap, UnmapMode, UnmapOutcome};
