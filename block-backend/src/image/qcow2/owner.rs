@@ -32,6 +32,10 @@
 //!   served: qcow2-rs, which refuses the corrupt bit, does not see it when
 //!   a discard opens the image again, and keeps it in the headers it
 //!   writes ([`super::io`]).
+//! - **Copy on write of data clusters.** qcow2-rs writes part of a data
+//!   cluster whose L2 entry lacks the COPIED flag (shared, or to be copied
+//!   on write) into a new cluster without copying the rest: the scan
+//!   poisons such entries, as bad ones.
 //! - **An empty backing file name.** A header whose backing file offset
 //!   is set with a name length of 0 has no backing file (QEMU, our parser);
 //!   qcow2-rs would see one named "" and fail every write to an
@@ -1170,6 +1174,53 @@ mod tests {
         assert_eq!(read(&mut *engine, 0, &mut back), back.len() as i32);
         assert!(back[..2048].iter().all(|&b| b == 0));
         assert!(back[2048..].iter().all(|&b| b == 0x5a));
+    }
+
+    /// Found by the qcow2_image fuzz target: a write to part of a data
+    /// cluster whose L2 entry lacks the COPIED flag went to a new cluster,
+    /// and the rest of the cluster read as zeroes. Such entries are
+    /// poisoned by the scan: the write gets IOERR and loses nothing.
+    #[test]
+    fn a_data_cluster_without_the_copied_flag_is_not_written() {
+        use crate::image::{ImageFormat, OpenOptions};
+        const CLUSTER: u64 = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        meta::create(&path, 1 << 20, CLUSTER).unwrap();
+        {
+            let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+            let mut engine = image.queue_engine().unwrap().unwrap();
+            let mut data = vec![0x5a; 2 * CLUSTER as usize];
+            assert_eq!(write(&mut *engine, 0, &mut data), data.len() as i32);
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let read_u64 = |at: u64| {
+            let mut word = [0u8; 8];
+            file.read_exact_at(&mut word, at).unwrap();
+            u64::from_be_bytes(word)
+        };
+        let l2 = read_u64(read_u64(40)) & 0x00ff_ffff_ffff_fe00;
+        let entry = read_u64(l2) & !meta::entry::COPIED;
+        file.write_all_at(&entry.to_be_bytes(), l2).unwrap();
+
+        let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+        let mut engine = image.queue_engine().unwrap().unwrap();
+        let mut part = vec![0xa5; 1024];
+        assert_eq!(write(&mut *engine, 512, &mut part), -libc::EIO);
+        let mut buf = vec![0u8; CLUSTER as usize];
+        assert_eq!(read(&mut *engine, CLUSTER, &mut buf), CLUSTER as i32);
+        assert!(buf.iter().all(|&b| b == 0x5a), "cluster 1 is served");
+        drop(engine);
+        drop(image);
+        // Read by another implementation: cluster 0 kept all its data.
+        let mut back = vec![0u8; CLUSTER as usize];
+        file.read_exact_at(&mut back, entry & 0x00ff_ffff_ffff_fe00)
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 0x5a));
     }
 
     #[test]
