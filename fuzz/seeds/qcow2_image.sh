@@ -44,9 +44,11 @@ with open(sys.argv[1], "r+b") as f:
     f.write(struct.pack(">Q", entry | 0x2))
 EOF
 
-# Appends operation records and their count to a copy of an image.
+# Appends operation records and their count to a copy of an image: the
+# generic set, or (third argument "whole") whole-cluster discards and
+# write-zeroes, each read back.
 with_ops() {
-    python3 - "$1" "$2" <<'EOF'
+    python3 - "$1" "$2" "${3:-generic}" <<'EOF'
 import sys
 
 READ, WRITE, DISCARD, ZEROES, FLUSH = 0, 2, 5, 6, 7
@@ -89,6 +91,14 @@ ops = [
     op(WRITE, CLUSTER, boundary(3, -1), NEAR_CLUSTERS, 5),
     op(FLUSH, 0, 0, 0, 0),
 ]
+if sys.argv[3] == "whole":
+    ops = [
+        op(DISCARD, CLUSTER, boundary(5, 0), CLUSTERS, 0),
+        op(READ, CLUSTER, boundary(5, 0), CLUSTERS, 0),
+        op(ZEROES, CLUSTER, boundary(7, 0), CLUSTERS, 1),
+        op(READ, CLUSTER, boundary(6, 0), CLUSTERS, 3),
+        op(FLUSH, 0, 0, 0, 0),
+    ]
 with open(sys.argv[1], "rb") as f:
     image = f.read()
 with open(sys.argv[2], "wb") as f:
@@ -102,3 +112,4 @@ for f in "$tmp"/*.qcow2; do
     { cat "$f"; printf '\0'; } >"$out/$name.qcow2"
     with_ops "$f" "$out/$name-ops.qcow2"
 done
+with_ops "$tmp/compressed.qcow2" "$out/compressed-whole-ops.qcow2" whole
