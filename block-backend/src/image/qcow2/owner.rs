@@ -40,6 +40,10 @@
 //!   is set with a name length of 0 has no backing file (QEMU, our parser);
 //!   qcow2-rs would see one named "" and fail every write to an
 //!   unallocated cluster: it is given the header without the offset.
+//! - **Backing files smaller than the image above.** qcow2-rs leaves the
+//!   part of a read past the end of a backing file unfilled, and reads a
+//!   range that straddles its end wrongly: such reads go through a buffer
+//!   of zeroes, in pieces split where backing files end.
 //! - **Reads that stop early.** A read spanning clusters ends at the first
 //!   cluster qcow2-rs cannot read (corrupt compressed data) and reports
 //!   success with a short count: a read is answered OK only when all of it
@@ -344,6 +348,9 @@ struct State {
     metadata_failed: Cell<bool>,
     /// A request touched a bad entry (logged once).
     bad_logged: Cell<bool>,
+    /// Guest offsets where a backing file of the chain ends, below the end
+    /// of the top image (sorted, whole sectors).
+    backing_ends: Vec<u64>,
     /// Tasks started and not finished.
     running: Cell<usize>,
     /// A barrier task runs: nothing else starts.
@@ -406,6 +413,14 @@ fn run(
         }
     }
     let cluster_bits = chain[0].layout.cluster_bits;
+    let top_bytes = chain[0].layout.virtual_size;
+    let mut backing_ends: Vec<u64> = chain[1..]
+        .iter()
+        .map(|image| image.layout.virtual_size / BLOCK_BYTES as u64 * BLOCK_BYTES as u64)
+        .filter(|&end| end < top_bytes)
+        .collect();
+    backing_ends.sort_unstable();
+    backing_ends.dedup();
     let state = Rc::new(State {
         core: Rc::clone(&core),
         chain,
@@ -416,6 +431,7 @@ fn run(
         failed: Cell::new(false),
         metadata_failed: Cell::new(false),
         bad_logged: Cell::new(false),
+        backing_ends,
         running: Cell::new(0),
         barrier: Cell::new(false),
         finished: RefCell::new(Vec::new()),
@@ -670,7 +686,9 @@ impl State {
         let Some(dev) = self.dev() else {
             return -libc::EIO;
         };
-        let result = if iovecs.iter().all(|iov| iov.len_bytes() % BLOCK_BYTES == 0) {
+        let result = if self.backing_ends.iter().any(|&end| end < offset + len) {
+            self.read_past_backing_end(&dev, offset, len, iovecs).await
+        } else if iovecs.iter().all(|iov| iov.len_bytes() % BLOCK_BYTES == 0) {
             let mut reads = Vec::with_capacity(iovecs.len());
             let mut at = offset;
             for iov in iovecs {
@@ -717,6 +735,48 @@ impl State {
                 -libc::EIO
             }
         }
+    }
+
+    /// A read reaching past the end of a backing file (one smaller than
+    /// the image above it). qcow2-rs answers the part of a backing file's
+    /// read past its end without filling it, and reads one that straddles
+    /// its end wrongly. So the read goes through a buffer of zeroes (what
+    /// is past the end of every backing file reads as zeroes), in pieces
+    /// that end where a backing file does.
+    async fn read_past_backing_end(
+        &self,
+        dev: &Dev,
+        offset: u64,
+        len: u64,
+        iovecs: &[IoVec],
+    ) -> Qcow2Result<()> {
+        let end = offset + len;
+        let mut bounce = vec![0u8; len as usize];
+        let mut at = offset;
+        while at < end {
+            let piece_end = self
+                .backing_ends
+                .iter()
+                .copied()
+                .find(|&e| e > at && e < end)
+                .unwrap_or(end);
+            let piece = &mut bounce[(at - offset) as usize..(piece_end - offset) as usize];
+            let (ptr, n) = (piece.as_ptr(), piece.len());
+            let read = self
+                .core
+                .with_data(ptr, n, true, dev.read_at(piece, at))
+                .await;
+            read_whole(read, n)?;
+            at = piece_end;
+        }
+        let mut done = 0;
+        for iov in iovecs {
+            // SAFETY: as in `read`.
+            let buf = unsafe { std::slice::from_raw_parts_mut(iov.base(), iov.len_bytes()) };
+            buf.copy_from_slice(&bounce[done..done + iov.len_bytes()]);
+            done += iov.len_bytes();
+        }
+        Ok(())
     }
 
     /// After a metadata write failed, only writes that need no allocation
@@ -1221,6 +1281,51 @@ mod tests {
         file.read_exact_at(&mut back, entry & 0x00ff_ffff_ffff_fe00)
             .unwrap();
         assert!(back.iter().all(|&b| b == 0x5a));
+    }
+
+    /// Found by the qcow2_image fuzz target: the part of a read past the
+    /// end of a backing file smaller than the image came back unfilled
+    /// (the guest saw its own buffer's old bytes), and a read straddling
+    /// the backing file's end was read wrongly.
+    #[test]
+    fn past_the_end_of_a_smaller_backing_file_reads_zeroes() {
+        use crate::image::{ImageFormat, OpenOptions};
+        const BASE_BYTES: u64 = (1 << 20) - 2048;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        let top = dir.path().join("top.qcow2");
+        meta::create(&base, BASE_BYTES, 4096).unwrap();
+        {
+            let image = super::super::Qcow2Image::open(&base, OpenOptions::default()).unwrap();
+            let mut engine = image.queue_engine().unwrap().unwrap();
+            let mut data = vec![0x3c; BASE_BYTES as usize];
+            assert_eq!(write(&mut *engine, 0, &mut data), data.len() as i32);
+        }
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
+            .args(["-b", "base.qcow2", "-F", "qcow2"])
+            .arg(&top)
+            .arg("2M")
+            .output()
+            .expect("qemu-img (qemu-utils)");
+        assert!(out.status.success(), "{out:?}");
+
+        let image = super::super::Qcow2Image::open(&top, OpenOptions::default()).unwrap();
+        let mut engine = image.queue_engine().unwrap().unwrap();
+        // The top image's cluster at 1 MiB - 4 KiB straddles the end of
+        // the backing file; 1 MiB on is past it.
+        let start = (1 << 20) - 8192;
+        let mut buf = vec![0xee; 16384];
+        assert_eq!(read(&mut *engine, start, &mut buf), buf.len() as i32);
+        let split = (BASE_BYTES - start) as usize;
+        assert!(
+            buf[..split].iter().all(|&b| b == 0x3c),
+            "the backing file's data"
+        );
+        assert!(buf[split..].iter().all(|&b| b == 0), "zeroes past its end");
+        let mut past = vec![0xee; 8192];
+        assert_eq!(read(&mut *engine, 3 << 19, &mut past), past.len() as i32);
+        assert!(past.iter().all(|&b| b == 0), "zeroes far past its end");
     }
 
     #[test]
