@@ -43,7 +43,10 @@
 //! - **Backing files smaller than the image above.** qcow2-rs leaves the
 //!   part of a read past the end of a backing file unfilled, and reads a
 //!   range that straddles its end wrongly: such reads go through a buffer
-//!   of zeroes, in pieces split where backing files end.
+//!   of zeroes, in pieces split where backing files end. Its copy on write
+//!   of a cluster that reaches past a backing file's end reads it that way
+//!   too (and writes uninitialised memory): partial writes to such
+//!   clusters run alone and write them whole, read correctly and merged.
 //! - **Reads that stop early.** A read spanning clusters ends at the first
 //!   cluster qcow2-rs cannot read (corrupt compressed data) and reports
 //!   success with a short count: a read is answered OK only when all of it
@@ -351,6 +354,9 @@ struct State {
     /// Guest offsets where a backing file of the chain ends, below the end
     /// of the top image (sorted, whole sectors).
     backing_ends: Vec<u64>,
+    /// The first cluster of the top image that reaches past the end of a
+    /// backing file: qcow2-rs copies those wrongly on write.
+    copy_unsafe_from: Option<u64>,
     /// Tasks started and not finished.
     running: Cell<usize>,
     /// A barrier task runs: nothing else starts.
@@ -421,6 +427,7 @@ fn run(
         .collect();
     backing_ends.sort_unstable();
     backing_ends.dedup();
+    let copy_unsafe_from = backing_ends.first().map(|&end| end >> cluster_bits);
     let state = Rc::new(State {
         core: Rc::clone(&core),
         chain,
@@ -432,6 +439,7 @@ fn run(
         metadata_failed: Cell::new(false),
         bad_logged: Cell::new(false),
         backing_ends,
+        copy_unsafe_from,
         running: Cell::new(0),
         barrier: Cell::new(false),
         finished: RefCell::new(Vec::new()),
@@ -452,7 +460,7 @@ fn run(
             if state.barrier.get() {
                 break;
             }
-            let is_barrier = front.op.is_barrier();
+            let is_barrier = front.op.is_barrier() || state.rewrites_clusters(&front.op);
             if is_barrier && state.running.get() > 0 {
                 break;
             }
@@ -738,11 +746,7 @@ impl State {
     }
 
     /// A read reaching past the end of a backing file (one smaller than
-    /// the image above it). qcow2-rs answers the part of a backing file's
-    /// read past its end without filling it, and reads one that straddles
-    /// its end wrongly. So the read goes through a buffer of zeroes (what
-    /// is past the end of every backing file reads as zeroes), in pieces
-    /// that end where a backing file does.
+    /// the image above it), through a bounce buffer ([`Self::read_split`]).
     async fn read_past_backing_end(
         &self,
         dev: &Dev,
@@ -750,25 +754,8 @@ impl State {
         len: u64,
         iovecs: &[IoVec],
     ) -> Qcow2Result<()> {
-        let end = offset + len;
         let mut bounce = vec![0u8; len as usize];
-        let mut at = offset;
-        while at < end {
-            let piece_end = self
-                .backing_ends
-                .iter()
-                .copied()
-                .find(|&e| e > at && e < end)
-                .unwrap_or(end);
-            let piece = &mut bounce[(at - offset) as usize..(piece_end - offset) as usize];
-            let (ptr, n) = (piece.as_ptr(), piece.len());
-            let read = self
-                .core
-                .with_data(ptr, n, true, dev.read_at(piece, at))
-                .await;
-            read_whole(read, n)?;
-            at = piece_end;
-        }
+        self.read_split(dev, offset, &mut bounce).await?;
         let mut done = 0;
         for iov in iovecs {
             // SAFETY: as in `read`.
@@ -777,6 +764,91 @@ impl State {
             done += iov.len_bytes();
         }
         Ok(())
+    }
+
+    /// Reads into `buf`, which holds zeroes, at `offset`. qcow2-rs answers
+    /// the part of a backing file's read past its end without filling it,
+    /// and reads one that straddles its end wrongly: the read goes in
+    /// pieces that end where a backing file does, and what is past the end
+    /// of every backing file keeps its zeroes.
+    async fn read_split(&self, dev: &Dev, offset: u64, buf: &mut [u8]) -> Qcow2Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let piece_end = self
+                .backing_ends
+                .iter()
+                .copied()
+                .find(|&e| e > at && e < end)
+                .unwrap_or(end);
+            let piece = &mut buf[(at - offset) as usize..(piece_end - offset) as usize];
+            let (ptr, n) = (piece.as_ptr(), piece.len());
+            let read = self
+                .core
+                .with_data(ptr, n, true, dev.read_at(piece, at))
+                .await;
+            read_whole(read, n)?;
+            at = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Whether a write of `len` bytes at `offset` must go through
+    /// [`Self::write_whole_clusters`]: it writes part of a cluster that
+    /// reaches past the end of a backing file.
+    fn needs_whole_clusters(&self, offset: u64, len: u64) -> bool {
+        let Some(first_unsafe) = self.copy_unsafe_from else {
+            return false;
+        };
+        if len == 0 || (offset + len - 1) >> self.cluster_bits < first_unsafe {
+            return false;
+        }
+        let cluster = self.cluster_bytes();
+        let end = offset + len;
+        let disk_end = self.chain[0].layout.virtual_size;
+        offset % cluster != 0 || (end % cluster != 0 && end < disk_end)
+    }
+
+    /// Whether `op` rewrites whole clusters: it runs alone.
+    fn rewrites_clusters(&self, op: &VirtualOp) -> bool {
+        match op {
+            VirtualOp::Write { offset, iovecs } => {
+                self.needs_whole_clusters(*offset, total_len(iovecs))
+            }
+            VirtualOp::Zero {
+                offset, len_bytes, ..
+            } => self.needs_whole_clusters(*offset, *len_bytes),
+            _ => false,
+        }
+    }
+
+    /// Writes `data` at `offset`, part of clusters that reach past the end
+    /// of a backing file. Before a partial write, qcow2-rs copies such a
+    /// cluster from the backing files with a read straddling or past their
+    /// end, which leaves the copy's buffer (uninitialised memory) unfilled
+    /// there. So the whole clusters are read here ([`Self::read_split`]),
+    /// merged with `data` and written whole: nothing qcow2-rs copies is
+    /// kept. The request runs alone: no other write can fall between the
+    /// read and the write.
+    async fn write_whole_clusters(&self, dev: &Dev, offset: u64, data: &[u8]) -> Qcow2Result<()> {
+        let cluster = self.cluster_bytes();
+        let disk_end = self.chain[0].layout.virtual_size / BLOCK_BYTES as u64 * BLOCK_BYTES as u64;
+        let start = offset & !(cluster - 1);
+        let end = (offset + data.len() as u64)
+            .next_multiple_of(cluster)
+            .min(disk_end);
+        let mut whole = vec![0u8; (end - start) as usize];
+        self.read_split(dev, start, &mut whole).await?;
+        let at = (offset - start) as usize;
+        whole[at..at + data.len()].copy_from_slice(data);
+        self.core
+            .with_data(
+                whole.as_ptr(),
+                whole.len(),
+                true,
+                dev.write_at(&whole, start),
+            )
+            .await
     }
 
     /// After a metadata write failed, only writes that need no allocation
@@ -805,41 +877,47 @@ impl State {
         if self.metadata_failed.get() && !self.all_allocated(&dev, offset, len).await {
             return -libc::ENOSPC;
         }
-        let result = if iovecs.iter().all(|iov| iov.len_bytes() % BLOCK_BYTES == 0) {
-            let mut writes = Vec::with_capacity(iovecs.len());
-            let mut at = offset;
-            for iov in iovecs {
-                // SAFETY: as in `read`; qcow2-rs only reads these bytes.
-                let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
-                writes.push(self.core.with_data(
-                    buf.as_ptr(),
-                    buf.len(),
-                    false,
-                    dev.write_at(buf, at),
-                ));
-                at += iov.len_bytes() as u64;
-            }
-            futures::future::join_all(writes)
-                .await
-                .into_iter()
-                .collect::<Qcow2Result<Vec<()>>>()
-                .map(|_| ())
-        } else {
-            let mut bounce = Vec::with_capacity(len as usize);
-            for iov in iovecs {
-                // SAFETY: as in `read`.
-                let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
-                bounce.extend_from_slice(buf);
-            }
-            self.core
-                .with_data(
-                    bounce.as_ptr(),
-                    bounce.len(),
-                    true,
-                    dev.write_at(&bounce, offset),
-                )
-                .await
-        };
+        let whole_clusters = self.needs_whole_clusters(offset, len);
+        let result =
+            if !whole_clusters && iovecs.iter().all(|iov| iov.len_bytes() % BLOCK_BYTES == 0) {
+                let mut writes = Vec::with_capacity(iovecs.len());
+                let mut at = offset;
+                for iov in iovecs {
+                    // SAFETY: as in `read`; qcow2-rs only reads these bytes.
+                    let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
+                    writes.push(self.core.with_data(
+                        buf.as_ptr(),
+                        buf.len(),
+                        false,
+                        dev.write_at(buf, at),
+                    ));
+                    at += iov.len_bytes() as u64;
+                }
+                futures::future::join_all(writes)
+                    .await
+                    .into_iter()
+                    .collect::<Qcow2Result<Vec<()>>>()
+                    .map(|_| ())
+            } else {
+                let mut bounce = Vec::with_capacity(len as usize);
+                for iov in iovecs {
+                    // SAFETY: as in `read`.
+                    let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
+                    bounce.extend_from_slice(buf);
+                }
+                if whole_clusters {
+                    self.write_whole_clusters(&dev, offset, &bounce).await
+                } else {
+                    self.core
+                        .with_data(
+                            bounce.as_ptr(),
+                            bounce.len(),
+                            true,
+                            dev.write_at(&bounce, offset),
+                        )
+                        .await
+                }
+            };
         match result {
             Ok(()) => len as i32,
             Err(err) => {
@@ -883,9 +961,13 @@ impl State {
         while at < offset + len {
             let n = (offset + len - at).min(zeroes.len() as u64);
             let chunk = &zeroes[..n as usize];
-            self.core
-                .with_data(chunk.as_ptr(), chunk.len(), true, dev.write_at(chunk, at))
-                .await?;
+            if self.needs_whole_clusters(at, n) {
+                self.write_whole_clusters(dev, at, chunk).await?;
+            } else {
+                self.core
+                    .with_data(chunk.as_ptr(), chunk.len(), true, dev.write_at(chunk, at))
+                    .await?;
+            }
             at += n;
         }
         Ok(())
@@ -1283,6 +1365,33 @@ mod tests {
         assert!(back.iter().all(|&b| b == 0x5a));
     }
 
+    /// A backing file of 1 MiB - 2 KiB (4 KiB clusters) full of 0x3c, and a
+    /// 2 MiB image on it with `cluster` byte clusters.
+    fn smaller_backing_file(dir: &std::path::Path, cluster: u64) -> std::path::PathBuf {
+        use crate::image::{ImageFormat, OpenOptions};
+        let base = dir.join("base.qcow2");
+        let top = dir.join("top.qcow2");
+        meta::create(&base, SMALL_BASE_BYTES, 4096).unwrap();
+        {
+            let image = super::super::Qcow2Image::open(&base, OpenOptions::default()).unwrap();
+            let mut engine = image.queue_engine().unwrap().unwrap();
+            let mut data = vec![0x3c; SMALL_BASE_BYTES as usize];
+            assert_eq!(write(&mut *engine, 0, &mut data), data.len() as i32);
+        }
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .args(["-o", &format!("cluster_size={cluster}")])
+            .args(["-b", "base.qcow2", "-F", "qcow2"])
+            .arg(&top)
+            .arg("2M")
+            .output()
+            .expect("qemu-img (qemu-utils)");
+        assert!(out.status.success(), "{out:?}");
+        top
+    }
+
+    const SMALL_BASE_BYTES: u64 = (1 << 20) - 2048;
+
     /// Found by the qcow2_image fuzz target: the part of a read past the
     /// end of a backing file smaller than the image came back unfilled
     /// (the guest saw its own buffer's old bytes), and a read straddling
@@ -1290,26 +1399,8 @@ mod tests {
     #[test]
     fn past_the_end_of_a_smaller_backing_file_reads_zeroes() {
         use crate::image::{ImageFormat, OpenOptions};
-        const BASE_BYTES: u64 = (1 << 20) - 2048;
         let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.qcow2");
-        let top = dir.path().join("top.qcow2");
-        meta::create(&base, BASE_BYTES, 4096).unwrap();
-        {
-            let image = super::super::Qcow2Image::open(&base, OpenOptions::default()).unwrap();
-            let mut engine = image.queue_engine().unwrap().unwrap();
-            let mut data = vec![0x3c; BASE_BYTES as usize];
-            assert_eq!(write(&mut *engine, 0, &mut data), data.len() as i32);
-        }
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
-            .args(["-b", "base.qcow2", "-F", "qcow2"])
-            .arg(&top)
-            .arg("2M")
-            .output()
-            .expect("qemu-img (qemu-utils)");
-        assert!(out.status.success(), "{out:?}");
-
+        let top = smaller_backing_file(dir.path(), 4096);
         let image = super::super::Qcow2Image::open(&top, OpenOptions::default()).unwrap();
         let mut engine = image.queue_engine().unwrap().unwrap();
         // The top image's cluster at 1 MiB - 4 KiB straddles the end of
@@ -1317,7 +1408,7 @@ mod tests {
         let start = (1 << 20) - 8192;
         let mut buf = vec![0xee; 16384];
         assert_eq!(read(&mut *engine, start, &mut buf), buf.len() as i32);
-        let split = (BASE_BYTES - start) as usize;
+        let split = (SMALL_BASE_BYTES - start) as usize;
         assert!(
             buf[..split].iter().all(|&b| b == 0x3c),
             "the backing file's data"
@@ -1326,6 +1417,52 @@ mod tests {
         let mut past = vec![0xee; 8192];
         assert_eq!(read(&mut *engine, 3 << 19, &mut past), past.len() as i32);
         assert!(past.iter().all(|&b| b == 0), "zeroes far past its end");
+    }
+
+    /// Found by the qcow2_image fuzz target: a write to part of a cluster
+    /// straddling the end of a smaller backing file (here 64 KiB, over 4
+    /// KiB clusters) copied the cluster from the backing file with that
+    /// straddling read, and the backing file's last bytes read as zeroes;
+    /// past its end, the copy was uninitialised memory.
+    #[test]
+    fn clusters_reaching_past_the_end_of_a_backing_file_are_copied_right() {
+        use crate::image::{ImageFormat, OpenOptions};
+        const CLUSTER: u64 = 64 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let top = smaller_backing_file(dir.path(), CLUSTER);
+        let image = super::super::Qcow2Image::open(&top, OpenOptions::default()).unwrap();
+        let mut engine = image.queue_engine().unwrap().unwrap();
+        let mut data = vec![0xa5; 512];
+        assert_eq!(write(&mut *engine, (1 << 20) - 512, &mut data), 512);
+        let mut zeroes = crate::engine::EngineOp::Fallocate {
+            file: 0,
+            offset: (1 << 20) - 1024,
+            len_bytes: 512,
+            mode: crate::engine::FallocateMode::ZeroRange,
+        };
+        assert_eq!(serve_one(&mut *engine, zeroes), 0);
+        let start = (1 << 20) - CLUSTER;
+        let mut buf = vec![0xee; CLUSTER as usize];
+        assert_eq!(read(&mut *engine, start, &mut buf), buf.len() as i32);
+        let base_end = (SMALL_BASE_BYTES - start) as usize;
+        assert!(
+            buf[..base_end].iter().all(|&b| b == 0x3c),
+            "the backing file's data"
+        );
+        assert!(buf[base_end..CLUSTER as usize - 512]
+            .iter()
+            .all(|&b| b == 0));
+        assert!(buf[CLUSTER as usize - 512..].iter().all(|&b| b == 0xa5));
+        // The next cluster, past the backing file's end: zeroes written.
+        zeroes = crate::engine::EngineOp::Fallocate {
+            file: 0,
+            offset: 1 << 20,
+            len_bytes: 512,
+            mode: crate::engine::FallocateMode::ZeroRange,
+        };
+        assert_eq!(serve_one(&mut *engine, zeroes), 0);
+        assert_eq!(read(&mut *engine, 1 << 20, &mut buf), buf.len() as i32);
+        assert!(buf.iter().all(|&b| b == 0));
     }
 
     #[test]
