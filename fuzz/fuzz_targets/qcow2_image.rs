@@ -50,9 +50,9 @@
 //! Input: the image file's bytes, then N operation records of
 //! [`OP_BYTES`] ([`OpSpec::decode`]), then one byte whose value modulo 33
 //! is N (at most [`MAX_OPS`]; fewer if the input is too short). A backing
-//! file named `base.qcow2` lies next to the image (4 KiB clusters, 2 MiB,
-//! partly written). Seeds: seeds/qcow2_image.sh writes images made by
-//! qemu-img and qemu-io, bare and with operations.
+//! file named `base.qcow2` lies next to the image (4 KiB clusters, 2 MiB
+//! less 39 sectors, partly written). Seeds: seeds/qcow2_image.sh writes
+//! images made by qemu-img and qemu-io, bare and with operations.
 
 #![no_main]
 
@@ -94,7 +94,9 @@ const WATCHED_FIRST_CLUSTERS: u64 = 16;
 /// Watched clusters are read in pieces of up to this size (or a cluster).
 const CHUNK_BYTES: u64 = 64 << 10;
 const BASE_NAME: &str = "base.qcow2";
-const BASE_BYTES: u64 = 2 << 20;
+/// Not a multiple of the top image's clusters (4 KiB and up): a top cluster
+/// straddles the end of the backing file.
+const BASE_BYTES: u64 = (2 << 20) - 19968;
 const BASE_CLUSTER_BYTES: u64 = 4096;
 /// What the backing file holds: (offset, length) written with
 /// [`base_byte`]; the rest reads as zeroes.

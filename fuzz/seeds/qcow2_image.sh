@@ -17,6 +17,9 @@ done
 qemu-img create -q -f qcow2 "$tmp/base.qcow2" 1M
 qemu-img create -q -f qcow2 -o cluster_size=4096 -b base.qcow2 -F qcow2 "$tmp/top.qcow2" 2M
 qemu-io -c "write -P 0x3c 4k 8k" "$tmp/top.qcow2" >/dev/null
+# Larger than its backing file (2 MiB in the fuzz target): the rest reads as
+# zeroes.
+qemu-img create -q -f qcow2 -o cluster_size=4096 -b base.qcow2 -F qcow2 "$tmp/top-large.qcow2" 3M
 # Compressed clusters (copy-on-write, discard and write-zeroes of them).
 qemu-img create -q -f raw "$tmp/plain.raw" 256k
 qemu-io -f raw -c "write -P 0x12 0 96k" -c "write -P 0x34 200k 5000" "$tmp/plain.raw" >/dev/null

@@ -1,6 +1,8 @@
 //! The operations of a qcow2_image input: how a record decodes, and the
 //! request (buffer, iovecs) it becomes.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use ringvm_blk::engine::IoVec;
 
 pub const SECTOR: u64 = 512;
@@ -8,8 +10,13 @@ pub const SECTOR: u64 = 512;
 /// entry it is invalid: reserved bits, and COPIED on a compressed entry).
 pub const PATTERN_TAG: u64 = 0xd5;
 pub const OFFSET_BITS: u32 = 48;
-/// Bytes a read buffer holds before the read, to see what it did not fill.
-const UNREAD: u8 = 0xee;
+/// What read buffers hold before the read: a different nonzero byte each
+/// time, so that bytes a read leaves unfilled never match what an earlier
+/// read returned.
+fn unread_fill() -> u8 {
+    static NEXT: AtomicU8 = AtomicU8::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed) % 255 + 1
+}
 
 /// The word write `op` puts at guest `offset` (a multiple of 8).
 pub fn pattern_word(op: u8, offset: u64) -> u64 {
@@ -57,7 +64,7 @@ impl Io {
     /// A request whose buffer (reads and writes) is one iovec.
     pub fn new(kind: Kind, offset: u64, len: u64) -> Io {
         let mut buf = match kind {
-            Kind::Read => vec![UNREAD; len as usize],
+            Kind::Read => vec![unread_fill(); len as usize],
             Kind::Write => vec![0; len as usize],
             _ => Vec::new(),
         };
