@@ -124,6 +124,7 @@ impl Qcow2Image {
             chain,
             bad: report.bad,
             bad_past_end: report.bad_past_end,
+            compressed: report.compressed,
             readonly: options.readonly,
             counters: Arc::clone(&counters),
         })?;

@@ -47,6 +47,10 @@
 //!   of a cluster that reaches past a backing file's end reads it that way
 //!   too (and writes uninitialised memory): partial writes to such
 //!   clusters run alone and write them whole, read correctly and merged.
+//! - **Short compressed streams.** qcow2-rs accepts a compressed cluster
+//!   that inflates to less than a cluster and leaves the rest of the buffer
+//!   as it was: reads of clusters compressed at open go through a buffer of
+//!   zeroes, and partial writes to them write them whole, as above.
 //! - **Reads that stop early.** A read spanning clusters ends at the first
 //!   cluster qcow2-rs cannot read (corrupt compressed data) and reports
 //!   success with a short count: a read is answered OK only when all of it
@@ -82,7 +86,7 @@ use tracing::{error, info, warn};
 
 use super::engine::{Inbox, Mailbox, Request, VirtualOp};
 use super::io::{ImageCounters, IoCore, RingIo};
-use super::meta::{self, BadClusters, Qcow2Layout, UnmapMode};
+use super::meta::{self, BadClusters, CompressedClusters, Qcow2Layout, UnmapMode};
 use crate::engine::{best_engine, Completion, IoVec};
 use crate::image::ImageError;
 
@@ -112,6 +116,8 @@ pub struct OwnerConfig {
     /// Bad entries of the top image pointing past the end of its file
     /// ([`meta::ScanReport::bad_past_end`]).
     pub bad_past_end: u64,
+    /// The top image's compressed clusters, as scanned at open.
+    pub compressed: CompressedClusters,
     pub readonly: bool,
     pub counters: Arc<ImageCounters>,
 }
@@ -357,6 +363,9 @@ struct State {
     /// The first cluster of the top image that reaches past the end of a
     /// backing file: qcow2-rs copies those wrongly on write.
     copy_unsafe_from: Option<u64>,
+    /// Compressed at open (later writes and discards may have replaced
+    /// some): read into zeroed buffers, copied whole on partial writes.
+    compressed: CompressedClusters,
     /// Tasks started and not finished.
     running: Cell<usize>,
     /// A barrier task runs: nothing else starts.
@@ -375,6 +384,7 @@ fn run(
         chain,
         bad,
         bad_past_end,
+        compressed,
         readonly,
         counters,
     } = config;
@@ -440,6 +450,7 @@ fn run(
         bad_logged: Cell::new(false),
         backing_ends,
         copy_unsafe_from,
+        compressed,
         running: Cell::new(0),
         barrier: Cell::new(false),
         finished: RefCell::new(Vec::new()),
@@ -694,8 +705,10 @@ impl State {
         let Some(dev) = self.dev() else {
             return -libc::EIO;
         };
-        let result = if self.backing_ends.iter().any(|&end| end < offset + len) {
-            self.read_past_backing_end(&dev, offset, len, iovecs).await
+        let result = if self.backing_ends.iter().any(|&end| end < offset + len)
+            || self.touches_compressed(offset, len)
+        {
+            self.read_through_zeroes(&dev, offset, len, iovecs).await
         } else if iovecs.iter().all(|iov| iov.len_bytes() % BLOCK_BYTES == 0) {
             let mut reads = Vec::with_capacity(iovecs.len());
             let mut at = offset;
@@ -746,8 +759,10 @@ impl State {
     }
 
     /// A read reaching past the end of a backing file (one smaller than
-    /// the image above it), through a bounce buffer ([`Self::read_split`]).
-    async fn read_past_backing_end(
+    /// the image above it), or into compressed clusters (qcow2-rs leaves
+    /// what a short compressed stream does not fill as it was), through a
+    /// bounce buffer of zeroes ([`Self::read_split`]).
+    async fn read_through_zeroes(
         &self,
         dev: &Dev,
         offset: u64,
@@ -793,20 +808,32 @@ impl State {
         Ok(())
     }
 
+    /// Whether `len` bytes at `offset` touch a cluster that was compressed
+    /// at open.
+    fn touches_compressed(&self, offset: u64, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len - 1) >> self.cluster_bits;
+        self.compressed.any_in(first, last - first + 1)
+    }
+
     /// Whether a write of `len` bytes at `offset` must go through
     /// [`Self::write_whole_clusters`]: it writes part of a cluster that
-    /// reaches past the end of a backing file.
+    /// reaches past the end of a backing file, or of a compressed one.
     fn needs_whole_clusters(&self, offset: u64, len: u64) -> bool {
-        let Some(first_unsafe) = self.copy_unsafe_from else {
-            return false;
-        };
-        if len == 0 || (offset + len - 1) >> self.cluster_bits < first_unsafe {
+        if len == 0 {
             return false;
         }
         let cluster = self.cluster_bytes();
         let end = offset + len;
         let disk_end = self.chain[0].layout.virtual_size;
-        offset % cluster != 0 || (end % cluster != 0 && end < disk_end)
+        let partial = offset % cluster != 0 || (end % cluster != 0 && end < disk_end);
+        let past_backing_end = self
+            .copy_unsafe_from
+            .is_some_and(|first| (end - 1) >> self.cluster_bits >= first);
+        partial && (past_backing_end || self.touches_compressed(offset, len))
     }
 
     /// Whether `op` rewrites whole clusters: it runs alone.
@@ -823,13 +850,14 @@ impl State {
     }
 
     /// Writes `data` at `offset`, part of clusters that reach past the end
-    /// of a backing file. Before a partial write, qcow2-rs copies such a
-    /// cluster from the backing files with a read straddling or past their
-    /// end, which leaves the copy's buffer (uninitialised memory) unfilled
-    /// there. So the whole clusters are read here ([`Self::read_split`]),
-    /// merged with `data` and written whole: nothing qcow2-rs copies is
-    /// kept. The request runs alone: no other write can fall between the
-    /// read and the write.
+    /// of a backing file or are compressed. Before a partial write, qcow2-rs
+    /// copies such a cluster into a buffer of uninitialised memory, with a
+    /// backing file read straddling or past its end, or with a compressed
+    /// stream that may be short, which leave part of it unfilled. So the
+    /// whole clusters are read here ([`Self::read_split`]), merged with
+    /// `data` and written whole: nothing qcow2-rs copies is kept. The
+    /// request runs alone: no other write can fall between the read and
+    /// the write.
     async fn write_whole_clusters(&self, dev: &Dev, offset: u64, data: &[u8]) -> Qcow2Result<()> {
         let cluster = self.cluster_bytes();
         let disk_end = self.chain[0].layout.virtual_size / BLOCK_BYTES as u64 * BLOCK_BYTES as u64;
@@ -1463,6 +1491,65 @@ mod tests {
         assert_eq!(serve_one(&mut *engine, zeroes), 0);
         assert_eq!(read(&mut *engine, 1 << 20, &mut buf), buf.len() as i32);
         assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    /// Found by the qcow2_image fuzz target: a compressed cluster whose
+    /// stream inflates to less than a cluster was read with OK, the rest of
+    /// the guest's buffer left as it was (and copied on write from
+    /// uninitialised memory).
+    #[test]
+    fn a_short_compressed_cluster_reads_zeroes_after_its_data() {
+        use crate::image::{ImageFormat, OpenOptions};
+        const CLUSTER: u64 = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        meta::create(&path, 1 << 20, CLUSTER).unwrap();
+        {
+            let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+            let mut engine = image.queue_engine().unwrap().unwrap();
+            let mut data = vec![0x5a; 2 * CLUSTER as usize];
+            assert_eq!(write(&mut *engine, 0, &mut data), data.len() as i32);
+        }
+        // Guest cluster 1: one compressed sector at its own cluster, a
+        // final stored deflate block of 10 bytes.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let read_u64 = |at: u64| {
+            let mut word = [0u8; 8];
+            file.read_exact_at(&mut word, at).unwrap();
+            u64::from_be_bytes(word)
+        };
+        let l2 = read_u64(read_u64(40)) & 0x00ff_ffff_ffff_fe00;
+        let host = read_u64(l2 + 8) & 0x00ff_ffff_ffff_fe00;
+        let mut stream = vec![0x01, 10, 0, !10, 0xff];
+        stream.extend_from_slice(b"0123456789");
+        file.write_all_at(&stream, host).unwrap();
+        file.write_all_at(&(1u64 << 62 | host).to_be_bytes(), l2 + 8)
+            .unwrap();
+
+        let image = super::super::Qcow2Image::open(&path, OpenOptions::default()).unwrap();
+        let mut engine = image.queue_engine().unwrap().unwrap();
+        let mut buf = vec![0xee; CLUSTER as usize];
+        assert_eq!(read(&mut *engine, CLUSTER, &mut buf), CLUSTER as i32);
+        assert_eq!(&buf[..10], b"0123456789");
+        assert!(
+            buf[10..].iter().all(|&b| b == 0),
+            "zeroes, not the buffer's bytes"
+        );
+        let mut part = vec![0xa5; 512];
+        assert_eq!(write(&mut *engine, CLUSTER + 1024, &mut part), 512);
+        buf.fill(0xee);
+        assert_eq!(read(&mut *engine, CLUSTER, &mut buf), CLUSTER as i32);
+        assert_eq!(&buf[..10], b"0123456789");
+        assert!(buf[10..1024].iter().all(|&b| b == 0));
+        assert!(buf[1024..1536].iter().all(|&b| b == 0xa5));
+        assert!(
+            buf[1536..].iter().all(|&b| b == 0),
+            "no uninitialised memory"
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub use header::{
     clear_autoclear, clear_empty_backing, mark_corrupt, read_layout, set_corrupt_bit, Backing,
     Qcow2Layout,
 };
-pub use scan::{scan, BadClusters, ScanReport};
+pub use scan::{scan, BadClusters, CompressedClusters, ScanReport};
 pub use unmap::{unmap, UnmapMode, UnmapOutcome};
 
 /// Advice appended to messages about damaged metadata.

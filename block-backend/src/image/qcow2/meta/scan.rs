@@ -71,6 +71,40 @@ impl BadClusters {
     }
 }
 
+/// Guest clusters whose L2 entry is compressed, in runs: the owner reads
+/// them into zeroed buffers (qcow2-rs leaves what a short compressed stream
+/// does not fill as it was).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompressedClusters {
+    /// First guest cluster -> count; runs do not overlap.
+    runs: BTreeMap<u64, u64>,
+}
+
+impl CompressedClusters {
+    /// True when any of the `count` guest clusters from
+    /// `first_guest_cluster` is compressed.
+    pub fn any_in(&self, first_guest_cluster: u64, count: u64) -> bool {
+        let end = first_guest_cluster.saturating_add(count);
+        count > 0
+            && self
+                .runs
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&first, &n)| first.saturating_add(n) > first_guest_cluster)
+    }
+
+    /// Adds `guest_cluster`, past every cluster added before.
+    fn add(&mut self, guest_cluster: u64) {
+        if let Some((&first, count)) = self.runs.iter_mut().next_back() {
+            if first.saturating_add(*count) == guest_cluster {
+                *count += 1;
+                return;
+            }
+        }
+        self.runs.insert(guest_cluster, 1);
+    }
+}
+
 /// What [`scan()`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ScanReport {
@@ -86,6 +120,8 @@ pub struct ScanReport {
     /// Host clusters whose refcount is higher than their uses (harmless:
     /// space `qemu-img check -r leaks` would give back).
     pub leaked_clusters: u64,
+    /// Guest clusters whose data is compressed.
+    pub compressed: CompressedClusters,
     /// Bad L1 and L2 entries that point past the end of the file. Once the
     /// file grows over their target, they would map whatever the image
     /// allocates there (the owner marks such an image corrupt at open).
@@ -313,7 +349,9 @@ impl<'a> Scanner<'a> {
         for (index, raw) in table.chunks_exact(ENTRY_BYTES as usize).enumerate() {
             let raw = be_u64(raw, 0);
             let guest_cluster = first.saturating_add(index as u64);
-            let problem = match decode_l2(raw, layout.cluster_bits, layout.version) {
+            let decoded = decode_l2(raw, layout.cluster_bits, layout.version);
+            let compressed = matches!(decoded, Ok(L2Entry::Compressed { .. }));
+            let problem = match decoded {
                 // qcow2-rs writes part of such a cluster into a new one
                 // without copying the rest, which then reads as zeroes.
                 Ok(L2Entry::Data { .. }) if raw & entry::COPIED == 0 => Some(
@@ -324,6 +362,9 @@ impl<'a> Scanner<'a> {
                 Ok(entry) => self.check_l2_entry(entry),
                 Err(problem) => Some(problem),
             };
+            if problem.is_none() && compressed && guest_cluster < layout.guest_clusters() {
+                self.report.compressed.add(guest_cluster);
+            }
             if let Some(problem) = problem {
                 if guest_cluster < layout.guest_clusters() {
                     self.report.bad.add(
@@ -611,6 +652,13 @@ mod tests {
             let report = scan_path(&c).unwrap();
             assert!(report.bad.is_empty(), "{report:?}");
             assert!(report.compressed_clusters > 0, "{report:?}");
+            // 0..1M and 2M..2M+5000 were written: compressed clusters.
+            let cluster: u64 = if cluster == "4k" { 4096 } else { 65536 };
+            assert!(report.compressed.any_in(0, 1));
+            assert!(report.compressed.any_in((1 << 20) / cluster - 1, 1));
+            assert!(!report.compressed.any_in((1 << 20) / cluster, 1));
+            assert!(report.compressed.any_in((2 << 20) / cluster, 1));
+            assert!(!report.compressed.any_in((3 << 20) / cluster, 4));
             assert_eq!(report.leaked_clusters, 0, "{report:?}");
         }
     }
