@@ -31,14 +31,19 @@
 //! - every successful read agrees with the model: a sector holds what the
 //!   first read returned, the pattern of the last write, or zeroes after a
 //!   discard or write-zeroes (two writes of one batch: either, and it must
-//!   read); sectors a request of the same batch writes are not checked;
+//!   read); sectors a request of the same batch writes are not checked.
+//!   Read buffers hold a different byte each time, so what a read leaves
+//!   unfilled shows;
 //! - "stays readable": a sector that read once, or was written with OK,
 //!   reads with OK from then on, also after reopening. Reads and writes
 //!   may fail only on clusters that could not be read (corrupt compressed
 //!   data), FLUSH never;
 //! - requests touching a guest cluster that the scan poisoned get IOERR and
 //!   change nothing, and the first one sets the corrupt bit in the header
-//!   (which the target clears before reopening);
+//!   (which the target clears before reopening). With table entries
+//!   pointing past the end of the file, the bit is set at open (writes may
+//!   grow the file over their target): such an image is not scanned after
+//!   writes, and after closing it must be refused;
 //! - data never lands on metadata ([`meta_guard`]): after every batch, the
 //!   metadata clusters of the last scan changed only as table updates do
 //!   (valid entries, refcounts falling or going from 0 to 1, in the header
