@@ -32,6 +32,12 @@
 //!   or writing them. Metadata buffers (everything that is not guest
 //!   memory) therefore never reach the kernel: the operation's slot owns a
 //!   copy, freed only when the completion arrives.
+//! - **the corrupt bit.** qcow2-rs refuses headers with the corrupt bit,
+//!   and writes its own copy of the header when a table grows. Once the
+//!   owner has set the bit on a bad entry ([`IoCore::set_corrupt_marked`]),
+//!   every header qcow2-rs writes to the top image gets the bit again
+//!   ([`RingIo::write_from`]); the owner hides it from qcow2-rs when it
+//!   opens the image again.
 //! - **short reads.** A data cluster may end past the end of the file (its
 //!   tail was never written); qcow2-rs reports the short count and leaves
 //!   the rest of the buffer as it was. [`RingIo::read_to`] reads on after a
@@ -48,7 +54,12 @@ use std::task::{Context, Poll, Waker};
 use qcow2_rs::error::{Qcow2Error, Qcow2Result};
 use qcow2_rs::ops::Qcow2IoOps;
 
+use super::meta::set_corrupt_bit;
 use crate::engine::{Completion, Engine, EngineError, EngineOp, FallocateMode, FileSlot, IoVec};
+
+/// The engine slot of the top image of the chain (the owner's `build_dev`
+/// gives image `i` of the chain slot `2i`).
+pub const TOP_IMAGE_SLOT: FileSlot = 0;
 
 /// What the owner thread did to the image file (printed with the device's
 /// counters). `host_bytes_written / bytes_written` is the write
@@ -119,6 +130,8 @@ pub struct IoCore {
     free: RefCell<Vec<usize>>,
     completions: RefCell<Vec<Completion>>,
     counters: Arc<ImageCounters>,
+    /// The owner set the corrupt bit in the top image's header.
+    corrupt_marked: Cell<bool>,
 }
 
 impl IoCore {
@@ -133,7 +146,18 @@ impl IoCore {
             free: RefCell::new(Vec::new()),
             completions: RefCell::new(Vec::new()),
             counters,
+            corrupt_marked: Cell::new(false),
         })
+    }
+
+    /// Whether the owner set the corrupt bit in the top image's header.
+    pub fn corrupt_marked(&self) -> bool {
+        self.corrupt_marked.get()
+    }
+
+    /// From now on the top image's header keeps the corrupt bit.
+    pub fn set_corrupt_marked(&self) {
+        self.corrupt_marked.set(true);
     }
 
     /// Marks `len` bytes at `ptr` as data while `f` reads or writes them:
@@ -451,6 +475,16 @@ impl Qcow2IoOps for RingIo {
 
     async fn write_from(&self, offset: u64, buf: &[u8]) -> Qcow2Result<()> {
         let metadata = self.core.data_kind(buf).is_none();
+        let patched;
+        let buf = if metadata && self.file == TOP_IMAGE_SLOT && self.core.corrupt_marked() {
+            // A header qcow2-rs writes (it does not know the bit).
+            let mut copy = buf.to_vec();
+            set_corrupt_bit(&mut copy, offset, true);
+            patched = copy;
+            &patched[..]
+        } else {
+            buf
+        };
         if metadata {
             self.order_after_completed_metadata()
                 .await
@@ -684,6 +718,33 @@ mod tests {
                 .load(Ordering::Relaxed),
             5 * 4096
         );
+    }
+
+    #[test]
+    fn headers_keep_the_corrupt_bit_once_the_owner_set_it() {
+        let (_tmp, file) = file_with(8192, 0);
+        let (io, _) = setup(&file);
+        let header = vec![0u8; 104];
+        let byte_79 = || {
+            let mut byte = [0u8];
+            file.read_exact_at(&mut byte, 79).unwrap();
+            byte[0]
+        };
+        run(&io, io.write_from(0, &header)).unwrap();
+        assert_eq!(byte_79(), 0, "written as given");
+        io.core.set_corrupt_marked();
+        run(&io, io.write_from(0, &header)).unwrap();
+        assert_eq!(byte_79(), 2, "the corrupt bit (incompatible feature bit 1)");
+        // Metadata elsewhere, and writes that end before the byte, as given.
+        let table = vec![0u8; 4096];
+        run(&io, io.write_from(4096, &table)).unwrap();
+        run(&io, io.write_from(0, &header[..72])).unwrap();
+        let mut back = vec![0xffu8; 8192];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == if i == 79 { 2 } else { 0 }));
     }
 
     #[test]

@@ -123,6 +123,8 @@ impl Qcow2Image {
         let owner = owner::Owner::start(owner::OwnerConfig {
             chain,
             bad: report.bad,
+            bad_past_end: report.bad_past_end,
+            compressed: report.compressed,
             readonly: options.readonly,
             counters: Arc::clone(&counters),
         })?;

@@ -13,7 +13,9 @@ const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 const REFTABLE_RESERVED: u64 = 0x1ff;
 pub const L2_ZERO: u64 = 1 << 0;
 const L2_COMPRESSED: u64 = 1 << 62;
-const COPIED: u64 = 1 << 63;
+/// L1 and standard L2 entries: the cluster's refcount is exactly 1 (it
+/// may be written in place).
+pub const COPIED: u64 = 1 << 63;
 /// Compressed cluster sizes count 512-byte sectors.
 const COMPRESSED_SECTOR_BYTES: u64 = 512;
 

@@ -32,6 +32,9 @@ const V3_MIN_HEADER_BYTES: usize = 104;
 /// Byte offsets of the header fields written by [`mark_corrupt`] and
 /// [`clear_autoclear`].
 pub(super) const INCOMPATIBLE_OFFSET: u64 = 72;
+/// Header fields `backing_file_offset` (u64) and `backing_file_size` (u32).
+const BACKING_OFFSET: usize = 8;
+const BACKING_LEN_OFFSET: usize = 16;
 pub(super) const AUTOCLEAR_OFFSET: u64 = 88;
 
 pub const MIN_CLUSTER_BITS: u32 = 9;
@@ -244,8 +247,8 @@ pub(super) fn parse_layout(file: &File, path: &Path) -> Result<Qcow2Layout, Meta
         )));
     }
 
-    let backing_offset = be_u64(&header, 8);
-    let backing_len = be_u32(&header, 16);
+    let backing_offset = be_u64(&header, BACKING_OFFSET);
+    let backing_len = be_u32(&header, BACKING_LEN_OFFSET);
     let (backing_name, extensions_end) = if backing_offset != 0 && backing_len != 0 {
         if backing_len > MAX_BACKING_NAME_BYTES {
             return Err(malformed(format!(
@@ -541,6 +544,42 @@ pub fn mark_corrupt(file: &File) -> io::Result<()> {
     let bits = u64::from_be_bytes(bits) | INCOMPAT_CORRUPT;
     file.write_all_at(&bits.to_be_bytes(), INCOMPATIBLE_OFFSET)?;
     file.sync_data()
+}
+
+/// Sets or clears the corrupt bit in `bytes`, a piece of the file that
+/// starts at file offset `offset`, if it holds the byte with that bit.
+///
+/// For the owner thread: qcow2-rs refuses a header with the corrupt bit
+/// (it knows no incompatible feature), so the bit the owner set on a bad
+/// entry is cleared in the header qcow2-rs is given when it opens the image
+/// again (after a discard), and set in every header qcow2-rs writes.
+pub fn set_corrupt_bit(bytes: &mut [u8], offset: u64, set: bool) {
+    let byte_at = INCOMPATIBLE_OFFSET + 7;
+    let mask = INCOMPAT_CORRUPT as u8;
+    let Some(byte) = byte_at
+        .checked_sub(offset)
+        .and_then(|at| usize::try_from(at).ok())
+        .and_then(|at| bytes.get_mut(at))
+    else {
+        return;
+    };
+    if set {
+        *byte |= mask;
+    } else {
+        *byte &= !mask;
+    }
+}
+
+/// Clears the backing file offset of a header (`bytes`, from file offset 0)
+/// that sets it with a name length of 0: QEMU and [`read_layout`] see no
+/// backing file there, qcow2-rs sees one named "" and fails every write
+/// to an unallocated cluster (its copy-on-write finds no backing file).
+pub fn clear_empty_backing(bytes: &mut [u8]) {
+    if be_u32(bytes, BACKING_LEN_OFFSET) == 0 {
+        if let Some(offset) = bytes.get_mut(BACKING_OFFSET..BACKING_OFFSET + 8) {
+            offset.fill(0);
+        }
+    }
 }
 
 /// Zeroes the autoclear feature bits of an image opened for writing, as

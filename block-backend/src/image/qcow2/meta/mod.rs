@@ -33,8 +33,11 @@ pub mod unmap;
 mod testutil;
 
 pub use create::create;
-pub use header::{clear_autoclear, mark_corrupt, read_layout, Backing, Qcow2Layout};
-pub use scan::{scan, BadClusters, ScanReport};
+pub use header::{
+    clear_autoclear, clear_empty_backing, mark_corrupt, read_layout, set_corrupt_bit, Backing,
+    Qcow2Layout,
+};
+pub use scan::{scan, BadClusters, CompressedClusters, ScanReport};
 pub use unmap::{unmap, UnmapMode, UnmapOutcome};
 
 /// Advice appended to messages about damaged metadata.

@@ -71,6 +71,40 @@ impl BadClusters {
     }
 }
 
+/// Guest clusters whose L2 entry is compressed, in runs: the owner reads
+/// them into zeroed buffers (qcow2-rs leaves what a short compressed stream
+/// does not fill as it was).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompressedClusters {
+    /// First guest cluster -> count; runs do not overlap.
+    runs: BTreeMap<u64, u64>,
+}
+
+impl CompressedClusters {
+    /// True when any of the `count` guest clusters from
+    /// `first_guest_cluster` is compressed.
+    pub fn any_in(&self, first_guest_cluster: u64, count: u64) -> bool {
+        let end = first_guest_cluster.saturating_add(count);
+        count > 0
+            && self
+                .runs
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&first, &n)| first.saturating_add(n) > first_guest_cluster)
+    }
+
+    /// Adds `guest_cluster`, past every cluster added before.
+    fn add(&mut self, guest_cluster: u64) {
+        if let Some((&first, count)) = self.runs.iter_mut().next_back() {
+            if first.saturating_add(*count) == guest_cluster {
+                *count += 1;
+                return;
+            }
+        }
+        self.runs.insert(guest_cluster, 1);
+    }
+}
+
 /// What [`scan()`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ScanReport {
@@ -86,6 +120,17 @@ pub struct ScanReport {
     /// Host clusters whose refcount is higher than their uses (harmless:
     /// space `qemu-img check -r leaks` would give back).
     pub leaked_clusters: u64,
+    /// Guest clusters whose data is compressed.
+    pub compressed: CompressedClusters,
+    /// Bad L1 and L2 entries that point past the end of the file. Once the
+    /// file grows over their target, they would map whatever the image
+    /// allocates there (the owner marks such an image corrupt at open).
+    pub bad_past_end: u64,
+    /// Every metadata cluster the scan found (header, L1 table, refcount
+    /// table, refblocks, and the L2 tables of valid L1 entries), by host
+    /// cluster index: for checks that data never lands on metadata (the
+    /// qcow2_image fuzz target).
+    pub metadata: HashMap<u64, MetaCluster>,
 }
 
 /// Checks every table entry of the image described by `layout`.
@@ -99,6 +144,7 @@ pub fn scan(file: &File, path: &Path, layout: &Qcow2Layout) -> Result<ScanReport
     }
     scanner.report.l2_tables = l2_tables.len() as u64;
     scanner.compare_refcounts(&refblocks, &l2_tables)?;
+    scanner.report.metadata = scanner.meta;
     Ok(scanner.report)
 }
 
@@ -257,6 +303,7 @@ impl<'a> Scanner<'a> {
                     .checked_add(self.cluster_bytes)
                     .is_none_or(|end| end > layout.file_len)
                 {
+                    self.report.bad_past_end += 1;
                     Some(format!(
                         "points past the end of the file ({} bytes)",
                         layout.file_len
@@ -302,10 +349,22 @@ impl<'a> Scanner<'a> {
         for (index, raw) in table.chunks_exact(ENTRY_BYTES as usize).enumerate() {
             let raw = be_u64(raw, 0);
             let guest_cluster = first.saturating_add(index as u64);
-            let problem = match decode_l2(raw, layout.cluster_bits, layout.version) {
+            let decoded = decode_l2(raw, layout.cluster_bits, layout.version);
+            let compressed = matches!(decoded, Ok(L2Entry::Compressed { .. }));
+            let problem = match decoded {
+                // qcow2-rs writes part of such a cluster into a new one
+                // without copying the rest, which then reads as zeroes.
+                Ok(L2Entry::Data { .. }) if raw & entry::COPIED == 0 => Some(
+                    "is a data cluster without the COPIED flag (shared, or to be copied \
+                     on write), which qcow2-rs would not copy"
+                        .to_string(),
+                ),
                 Ok(entry) => self.check_l2_entry(entry),
                 Err(problem) => Some(problem),
             };
+            if problem.is_none() && compressed && guest_cluster < layout.guest_clusters() {
+                self.report.compressed.add(guest_cluster);
+            }
             if let Some(problem) = problem {
                 if guest_cluster < layout.guest_clusters() {
                     self.report.bad.add(
@@ -330,6 +389,7 @@ impl<'a> Scanner<'a> {
                 // The cluster may end past the end of the file: its tail
                 // reads as zeroes.
                 if offset >= file_len {
+                    self.report.bad_past_end += 1;
                     return Some(format!(
                         "points past the end of the file ({file_len} bytes)"
                     ));
@@ -345,6 +405,7 @@ impl<'a> Scanner<'a> {
                 // QEMU counts whole sectors: the last may run past the end of
                 // a file whose length is not a multiple of 512.
                 if offset >= file_len || end > file_len.next_multiple_of(512) {
+                    self.report.bad_past_end += 1;
                     return Some(format!(
                         "has compressed data at {offset:#x}..{end:#x}, past the end of the file ({file_len} bytes)"
                     ));
@@ -526,6 +587,47 @@ mod tests {
         assert_eq!((report.allocated_clusters, report.l2_tables), (0, 0));
     }
 
+    /// Found by the qcow2_image fuzz target: qcow2-rs wrote part of a
+    /// data cluster whose L2 entry lacks the COPIED flag into a new cluster
+    /// without copying the rest, which then read as zeroes.
+    #[test]
+    fn data_clusters_without_the_copied_flag_are_poisoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(dir.path());
+        let o = offsets(&path);
+        let entry = read_u64(&path, o.l2 + 8);
+        write_u64(&path, o.l2 + 8, entry & !entry::COPIED);
+        let report = scan_path(&path).unwrap();
+        let runs: Vec<_> = report.bad.runs().map(|(f, c, _)| (f, c)).collect();
+        assert_eq!(runs, vec![(1, 1)]);
+        let why = report.bad.describe(1).unwrap();
+        assert!(why.contains("without the COPIED flag"), "{why}");
+    }
+
+    #[test]
+    fn the_report_lists_every_metadata_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(dir.path());
+        let o = offsets(&path);
+        let report = scan_path(&path).unwrap();
+        let mut listed: Vec<(u64, MetaCluster)> = report
+            .metadata
+            .iter()
+            .map(|(&cluster, &kind)| (cluster * CLUSTER, kind))
+            .collect();
+        listed.sort_by_key(|&(offset, _)| offset);
+        let mut expected = vec![
+            (0, MetaCluster::Header),
+            (o.l1, MetaCluster::L1Table),
+            (o.reftable, MetaCluster::RefcountTable),
+            (o.refblock, MetaCluster::Refblock(0)),
+            (o.l2, MetaCluster::L2Table(0)),
+            (o.l2_second, MetaCluster::L2Table(1)),
+        ];
+        expected.sort_by_key(|&(offset, _)| offset);
+        assert_eq!(listed, expected);
+    }
+
     #[test]
     fn compressed_images_are_clean() {
         let dir = tempfile::tempdir().unwrap();
@@ -550,6 +652,13 @@ mod tests {
             let report = scan_path(&c).unwrap();
             assert!(report.bad.is_empty(), "{report:?}");
             assert!(report.compressed_clusters > 0, "{report:?}");
+            // 0..1M and 2M..2M+5000 were written: compressed clusters.
+            let cluster: u64 = if cluster == "4k" { 4096 } else { 65536 };
+            assert!(report.compressed.any_in(0, 1));
+            assert!(report.compressed.any_in((1 << 20) / cluster - 1, 1));
+            assert!(!report.compressed.any_in((1 << 20) / cluster, 1));
+            assert!(report.compressed.any_in((2 << 20) / cluster, 1));
+            assert!(!report.compressed.any_in((3 << 20) / cluster, 4));
             assert_eq!(report.leaked_clusters, 0, "{report:?}");
         }
     }

@@ -18,6 +18,7 @@ use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 
 use super::entry::{self, decode_l1, decode_l2, decode_reftable, L2Entry, L2_ZERO};
@@ -43,8 +44,8 @@ pub struct UnmapOutcome {
     /// Host clusters whose refcount reached 0 (their space was given back).
     pub freed_clusters: u64,
     /// Guest cluster runs (first, count) not unmapped here, which the caller
-    /// must zero by writing: no L2 table to hold a zero flag, compressed
-    /// clusters with [`UnmapMode::Zero`], or a version 2 image.
+    /// must zero by writing: no L2 table to hold a zero flag, or a version 2
+    /// image (which has none).
     pub unhandled: Vec<(u64, u64)>,
 }
 
@@ -119,17 +120,16 @@ pub fn unmap(
                     problem: format!("its L2 entry {raw:#x} {problem}"),
                 }
             })?;
-            match transition(entry, mode, layout.version, layout.backing.is_some()) {
+            let backing = layout.backing.is_some();
+            match transition(entry, mode, layout.version, backing, layout.cluster_bytes()) {
                 Transition::Keep => {}
                 Transition::Unhandled => outcome.add_unhandled(guest_cluster, 1),
                 Transition::Set { new, freed } => {
                     table[at..at + ENTRY_BYTES as usize].copy_from_slice(&new.to_be_bytes());
                     modified = true;
-                    if let Some(offset) = freed {
-                        batch
-                            .freed
-                            .push((offset / layout.cluster_bytes(), guest_cluster));
-                    }
+                    batch
+                        .freed
+                        .extend(freed.map(|host_cluster| (host_cluster, guest_cluster)));
                 }
             }
         }
@@ -147,14 +147,20 @@ pub fn unmap(
 enum Transition {
     Keep,
     Unhandled,
-    /// Write `new`; the host cluster at `freed` loses a reference.
+    /// Write `new`; the host clusters `freed` lose a reference each.
     Set {
         new: u64,
-        freed: Option<u64>,
+        freed: Range<u64>,
     },
 }
 
-fn transition(entry: L2Entry, mode: UnmapMode, version: u32, backing: bool) -> Transition {
+fn transition(
+    entry: L2Entry,
+    mode: UnmapMode,
+    version: u32,
+    backing: bool,
+    cluster_bytes: u64,
+) -> Transition {
     let has_zero_flag = version >= 3;
     // What a guest cluster that must read as zeroes becomes, if possible.
     let zeroed = match (mode, backing) {
@@ -167,10 +173,11 @@ fn transition(entry: L2Entry, mode: UnmapMode, version: u32, backing: bool) -> T
             if mode == UnmapMode::Zero && !has_zero_flag {
                 return Transition::Unhandled;
             }
+            let cluster = offset / cluster_bytes;
             match zeroed {
                 Some(new) => Transition::Set {
                     new,
-                    freed: Some(offset),
+                    freed: cluster..cluster + 1,
                 },
                 None => Transition::Unhandled,
             }
@@ -178,12 +185,17 @@ fn transition(entry: L2Entry, mode: UnmapMode, version: u32, backing: bool) -> T
         L2Entry::Data { .. } | L2Entry::Zero { .. } => Transition::Keep,
         L2Entry::Unallocated if !backing => Transition::Keep,
         L2Entry::Unallocated => match zeroed {
-            Some(new) => Transition::Set { new, freed: None },
+            Some(new) => Transition::Set { new, freed: 0..0 },
             None => Transition::Unhandled,
         },
-        L2Entry::Compressed { .. } => match mode {
-            UnmapMode::Discard => Transition::Keep,
-            UnmapMode::Zero => Transition::Unhandled,
+        // Every host cluster the compressed data touches holds a reference
+        // for it (as scan counts them, and QEMU frees them).
+        L2Entry::Compressed { offset, end } => match zeroed {
+            Some(new) => Transition::Set {
+                new,
+                freed: offset / cluster_bytes..end.div_ceil(cluster_bytes),
+            },
+            None => Transition::Unhandled,
         },
     }
 }
@@ -561,8 +573,11 @@ mod tests {
         }
     }
 
+    /// Found by the qcow2_image fuzz target: compressed clusters were kept
+    /// on discard (and the owner unmaps WRITE_ZEROES with UNMAP that way
+    /// too), so they went on reading their data.
     #[test]
-    fn compressed_clusters_are_kept_on_discard_and_left_to_the_caller_on_zero() {
+    fn compressed_clusters_are_freed_on_discard_and_zero() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let src = written(d, "src.qcow2", "");
@@ -576,11 +591,20 @@ mod tests {
             path.to_str().unwrap(),
         ]);
         let outcome = unmap_path(&path, 0, 4, UnmapMode::Discard);
-        assert_eq!(outcome, UnmapOutcome::default());
-        let outcome = unmap_path(&path, 0, 4, UnmapMode::Zero);
-        assert_eq!(outcome.unhandled, vec![(0, 4)]);
+        assert_eq!(outcome.unhandled, vec![], "{outcome:?}");
+        let outcome = unmap_path(&path, 4, 4, UnmapMode::Zero);
+        assert_eq!(outcome.unhandled, vec![], "{outcome:?}");
         assert_check_clean(&path);
-        qemu_io(&path, &["read -P 0xab 0 1M"]);
+        qemu_io(&path, &["read -P 0 0 512k", "read -P 0xab 512k 512k"]);
+        // The last references to the compressed data: its clusters go.
+        let outcome = unmap_path(&path, 8, 8, UnmapMode::Discard);
+        let last = unmap_path(&path, 9600, 1, UnmapMode::Discard);
+        assert!(
+            outcome.freed_clusters + last.freed_clusters > 0,
+            "{outcome:?} {last:?}"
+        );
+        assert_check_clean(&path);
+        qemu_io(&path, &["read -P 0 0 1M", "read -P 0 600M 64k"]);
     }
 
     #[test]

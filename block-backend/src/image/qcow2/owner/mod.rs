@@ -26,6 +26,35 @@
 //!   ([`super::meta::scan`]); a request touching a cluster whose entry
 //!   failed validation never reaches qcow2-rs: it gets IOERR and the image
 //!   is marked corrupt, so no write can follow a bad entry onto metadata.
+//!   An entry pointing past the end of the file would map whatever the
+//!   image allocates there once the file has grown: with such entries the
+//!   image is marked corrupt at open. The rest of the image is still
+//!   served: qcow2-rs, which refuses the corrupt bit, does not see it when
+//!   a discard opens the image again, and keeps it in the headers it
+//!   writes ([`super::io`]).
+//! - **Copy on write of data clusters.** qcow2-rs writes part of a data
+//!   cluster whose L2 entry lacks the COPIED flag (shared, or to be copied
+//!   on write) into a new cluster without copying the rest: the scan
+//!   poisons such entries, as bad ones.
+//! - **An empty backing file name.** A header whose backing file offset
+//!   is set with a name length of 0 has no backing file (QEMU, our parser);
+//!   qcow2-rs would see one named "" and fail every write to an
+//!   unallocated cluster: it is given the header without the offset.
+//! - **Backing files smaller than the image above.** qcow2-rs leaves the
+//!   part of a read past the end of a backing file unfilled, and reads a
+//!   range that straddles its end wrongly: such reads go through a buffer
+//!   of zeroes, in pieces split where backing files end. Its copy on write
+//!   of a cluster that reaches past a backing file's end reads it that way
+//!   too (and writes uninitialised memory): partial writes to such
+//!   clusters run alone and write them whole, read correctly and merged.
+//! - **Short compressed streams.** qcow2-rs accepts a compressed cluster
+//!   that inflates to less than a cluster and leaves the rest of the buffer
+//!   as it was: reads of clusters compressed at open go through a buffer of
+//!   zeroes, and partial writes to them write them whole, as above.
+//! - **Reads that stop early.** A read spanning clusters ends at the first
+//!   cluster qcow2-rs cannot read (corrupt compressed data) and reports
+//!   success with a short count: a read is answered OK only when all of it
+//!   was read.
 //! - **Panics.** Each task is polled under `catch_unwind`. A task that
 //!   panics gets IOERR, and from then on every request does: qcow2-rs's
 //!   locks and caches can no longer be trusted. Its I/O may still be in
@@ -51,15 +80,18 @@ use std::thread::JoinHandle;
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
 use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
-use qcow2_rs::error::Qcow2Result;
-use qcow2_rs::meta::{MappingSource, Qcow2Header};
+use qcow2_rs::meta::Qcow2Header;
 use tracing::{error, info, warn};
 
-use super::engine::{Inbox, Mailbox, Request, VirtualOp};
+use super::engine::{Inbox, Mailbox, Request};
 use super::io::{ImageCounters, IoCore, RingIo};
-use super::meta::{self, BadClusters, Qcow2Layout, UnmapMode};
-use crate::engine::{best_engine, Completion, IoVec};
+use super::meta::{self, BadClusters, CompressedClusters, Qcow2Layout};
+use crate::engine::{best_engine, Completion};
 use crate::image::ImageError;
+
+mod serve;
+
+use serve::serve;
 
 type Dev = Qcow2Dev<RingIo>;
 
@@ -84,6 +116,11 @@ pub struct ChainImage {
 pub struct OwnerConfig {
     pub chain: Vec<ChainImage>,
     pub bad: BadClusters,
+    /// Bad entries of the top image pointing past the end of its file
+    /// ([`meta::ScanReport::bad_past_end`]).
+    pub bad_past_end: u64,
+    /// The top image's compressed clusters, as scanned at open.
+    pub compressed: CompressedClusters,
     pub readonly: bool,
     pub counters: Arc<ImageCounters>,
 }
@@ -190,6 +227,12 @@ fn build_dev(core: &Rc<IoCore>, chain: &[ChainImage], readonly: bool) -> Result<
         let mut buf = vec![0u8; HEADER_READ_BYTES];
         read_prefix(&image.file, &mut buf)
             .map_err(|err| format!("{}: cannot read the header: {err}", image.path.display()))?;
+        meta::clear_empty_backing(&mut buf);
+        if !is_backing && core.corrupt_marked() {
+            // Opening again after a discard: the corrupt bit is ours (set on
+            // a bad entry, which stays refused), and qcow2-rs refuses it.
+            meta::set_corrupt_bit(&mut buf, 0, false);
+        }
         // Our own parser validated this header (meta::read_layout): qcow2-rs
         // only sees headers it can parse without panicking.
         let header = Qcow2Header::from_buf(&buf)
@@ -315,7 +358,17 @@ struct State {
     /// Writing metadata failed (a full disk): FLUSH fails from now on, and
     /// writes are served only where no allocation is needed.
     metadata_failed: Cell<bool>,
-    corrupt_marked: Cell<bool>,
+    /// A request touched a bad entry (logged once).
+    bad_logged: Cell<bool>,
+    /// Guest offsets where a backing file of the chain ends, below the end
+    /// of the top image (sorted, whole sectors).
+    backing_ends: Vec<u64>,
+    /// The first cluster of the top image that reaches past the end of a
+    /// backing file: qcow2-rs copies those wrongly on write.
+    copy_unsafe_from: Option<u64>,
+    /// Compressed at open (later writes and discards may have replaced
+    /// some): read into zeroed buffers, copied whole on partial writes.
+    compressed: CompressedClusters,
     /// Tasks started and not finished.
     running: Cell<usize>,
     /// A barrier task runs: nothing else starts.
@@ -333,6 +386,8 @@ fn run(
     let OwnerConfig {
         chain,
         bad,
+        bad_past_end,
+        compressed,
         readonly,
         counters,
     } = config;
@@ -361,7 +416,31 @@ fn run(
             return;
         }
     };
+    if bad_past_end > 0 && !readonly {
+        // Once the file grows over where they point, these entries would
+        // map the clusters allocated there: after a restart, a read of their
+        // guest clusters would return another cluster's data, and a write
+        // would overwrite it (or a table). The corrupt bit keeps the image
+        // from being opened again before a repair.
+        error!(
+            "{}: {bad_past_end} table entries point past the end of the file;              marking the image corrupt (the rest of it is served)",
+            chain[0].path.display()
+        );
+        core.set_corrupt_marked();
+        if let Err(err) = meta::mark_corrupt(&chain[0].file) {
+            error!("cannot set the corrupt bit: {err}");
+        }
+    }
     let cluster_bits = chain[0].layout.cluster_bits;
+    let top_bytes = chain[0].layout.virtual_size;
+    let mut backing_ends: Vec<u64> = chain[1..]
+        .iter()
+        .map(|image| image.layout.virtual_size / BLOCK_BYTES as u64 * BLOCK_BYTES as u64)
+        .filter(|&end| end < top_bytes)
+        .collect();
+    backing_ends.sort_unstable();
+    backing_ends.dedup();
+    let copy_unsafe_from = backing_ends.first().map(|&end| end >> cluster_bits);
     let state = Rc::new(State {
         core: Rc::clone(&core),
         chain,
@@ -371,7 +450,10 @@ fn run(
         cluster_bits,
         failed: Cell::new(false),
         metadata_failed: Cell::new(false),
-        corrupt_marked: Cell::new(false),
+        bad_logged: Cell::new(false),
+        backing_ends,
+        copy_unsafe_from,
+        compressed,
         running: Cell::new(0),
         barrier: Cell::new(false),
         finished: RefCell::new(Vec::new()),
@@ -392,7 +474,7 @@ fn run(
             if state.barrier.get() {
                 break;
             }
-            let is_barrier = front.op.is_barrier();
+            let is_barrier = front.op.is_barrier() || state.rewrites_clusters(&front.op);
             if is_barrier && state.running.get() > 0 {
                 break;
             }
@@ -537,330 +619,6 @@ fn close(state: &Rc<State>) {
         Some(Ok(())) => info!("qcow2: metadata written"),
         Some(Err(err)) => error!("qcow2: cannot write the metadata at exit: {err:?}"),
         None => error!("qcow2-rs panicked writing the metadata at exit"),
-    }
-}
-
-async fn serve(state: &Rc<State>, op: VirtualOp) -> i32 {
-    if state.failed.get() {
-        return -libc::EIO;
-    }
-    match op {
-        VirtualOp::Nop => 0,
-        VirtualOp::Read { offset, iovecs } => state.read(offset, &iovecs).await,
-        VirtualOp::Write { offset, iovecs } => state.write(offset, &iovecs).await,
-        // Boxed: rare, and their futures (reopening the image) are large;
-        // unboxed they would size every read and write task.
-        VirtualOp::Flush => Box::pin(state.flush()).await,
-        VirtualOp::Zero {
-            offset,
-            len_bytes,
-            unmap,
-        } => Box::pin(state.zero(offset, len_bytes, unmap)).await,
-    }
-}
-
-fn total_len(iovecs: &[IoVec]) -> u64 {
-    iovecs.iter().map(|iov| iov.len_bytes() as u64).sum()
-}
-
-impl State {
-    fn dev(&self) -> Option<Rc<Dev>> {
-        self.dev.borrow().clone()
-    }
-
-    fn cluster_bytes(&self) -> u64 {
-        1 << self.cluster_bits
-    }
-
-    /// IOERR for requests touching an entry that failed validation; the
-    /// first one marks the image corrupt on disk.
-    fn touches_bad_entry(&self, offset: u64, len_bytes: u64) -> bool {
-        if self.bad.is_empty() || len_bytes == 0 {
-            return false;
-        }
-        let first = offset >> self.cluster_bits;
-        let last = (offset + len_bytes - 1) >> self.cluster_bits;
-        if !self.bad.any_in(first, last - first + 1) {
-            return false;
-        }
-        self.core
-            .counters()
-            .corrupt_entry_requests
-            .fetch_add(1, Ordering::Relaxed);
-        if !self.corrupt_marked.get() {
-            self.corrupt_marked.set(true);
-            let what = (first..=last)
-                .find_map(|c| self.bad.describe(c))
-                .unwrap_or_default();
-            error!(
-                "{}: bytes {offset}..+{len_bytes} use a corrupt table entry ({what}); \
-                 refusing them and marking the image corrupt",
-                self.chain[0].path.display()
-            );
-            if !self.readonly {
-                if let Err(err) = meta::mark_corrupt(&self.chain[0].file) {
-                    error!("cannot set the corrupt bit: {err}");
-                }
-            }
-        }
-        true
-    }
-
-    async fn read(&self, offset: u64, iovecs: &[IoVec]) -> i32 {
-        let len = total_len(iovecs);
-        if self.touches_bad_entry(offset, len) {
-            return -libc::EIO;
-        }
-        let Some(dev) = self.dev() else {
-            return -libc::EIO;
-        };
-        let result = if iovecs.iter().all(|iov| iov.len_bytes() % BLOCK_BYTES == 0) {
-            let mut reads = Vec::with_capacity(iovecs.len());
-            let mut at = offset;
-            for iov in iovecs {
-                // SAFETY: the iovec points into guest memory that the queue
-                // worker keeps mapped until this request completes. qcow2-rs
-                // hands the slice to the kernel (allocated clusters) or fills
-                // it (zero, backing and compressed clusters); the guest may
-                // touch the same bytes meanwhile, as it may with any device.
-                let buf = unsafe { std::slice::from_raw_parts_mut(iov.base(), iov.len_bytes()) };
-                let (ptr, len) = (buf.as_ptr(), buf.len());
-                reads.push(self.core.with_data(ptr, len, false, dev.read_at(buf, at)));
-                at += iov.len_bytes() as u64;
-            }
-            futures::future::join_all(reads)
-                .await
-                .into_iter()
-                .try_for_each(|r| r.map(|_| ()))
-        } else {
-            // Buffers that are not whole sectors: through a bounce buffer.
-            let mut bounce = vec![0u8; len as usize];
-            let (ptr, len) = (bounce.as_ptr(), bounce.len());
-            let result = self
-                .core
-                .with_data(ptr, len, true, dev.read_at(&mut bounce, offset))
-                .await
-                .map(|_| ());
-            if result.is_ok() {
-                let mut done = 0;
-                for iov in iovecs {
-                    // SAFETY: as above.
-                    let buf =
-                        unsafe { std::slice::from_raw_parts_mut(iov.base(), iov.len_bytes()) };
-                    buf.copy_from_slice(&bounce[done..done + iov.len_bytes()]);
-                    done += iov.len_bytes();
-                }
-            }
-            result
-        };
-        match result {
-            Ok(()) => len as i32,
-            Err(err) => {
-                warn!("qcow2: read at {offset:#x} failed: {err:?}");
-                -libc::EIO
-            }
-        }
-    }
-
-    /// After a metadata write failed, only writes that need no allocation
-    /// are served.
-    async fn all_allocated(&self, dev: &Dev, offset: u64, len: u64) -> bool {
-        let cluster = self.cluster_bytes();
-        let mut at = offset & !(cluster - 1);
-        while at < offset + len {
-            match dev.get_mapping(at).await {
-                Ok(m) if m.source == MappingSource::DataFile && m.cluster_offset.is_some() => {}
-                _ => return false,
-            }
-            at += cluster;
-        }
-        true
-    }
-
-    async fn write(&self, offset: u64, iovecs: &[IoVec]) -> i32 {
-        let len = total_len(iovecs);
-        if self.readonly || self.touches_bad_entry(offset, len) {
-            return -libc::EIO;
-        }
-        let Some(dev) = self.dev() else {
-            return -libc::EIO;
-        };
-        if self.metadata_failed.get() && !self.all_allocated(&dev, offset, len).await {
-            return -libc::ENOSPC;
-        }
-        let result = if iovecs.iter().all(|iov| iov.len_bytes() % BLOCK_BYTES == 0) {
-            let mut writes = Vec::with_capacity(iovecs.len());
-            let mut at = offset;
-            for iov in iovecs {
-                // SAFETY: as in `read`; qcow2-rs only reads these bytes.
-                let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
-                writes.push(self.core.with_data(
-                    buf.as_ptr(),
-                    buf.len(),
-                    false,
-                    dev.write_at(buf, at),
-                ));
-                at += iov.len_bytes() as u64;
-            }
-            futures::future::join_all(writes)
-                .await
-                .into_iter()
-                .collect::<Qcow2Result<Vec<()>>>()
-                .map(|_| ())
-        } else {
-            let mut bounce = Vec::with_capacity(len as usize);
-            for iov in iovecs {
-                // SAFETY: as in `read`.
-                let buf = unsafe { std::slice::from_raw_parts(iov.base(), iov.len_bytes()) };
-                bounce.extend_from_slice(buf);
-            }
-            self.core
-                .with_data(
-                    bounce.as_ptr(),
-                    bounce.len(),
-                    true,
-                    dev.write_at(&bounce, offset),
-                )
-                .await
-        };
-        match result {
-            Ok(()) => len as i32,
-            Err(err) => {
-                warn!("qcow2: write at {offset:#x} failed: {err:?}");
-                -libc::EIO
-            }
-        }
-    }
-
-    /// FLUSH: qcow2-rs writes refcounts, syncs, then L2 and L1 tables (a
-    /// table never points at a cluster whose refcount is not durable); then
-    /// the file is synced, which makes the data and the last tables durable.
-    async fn flush(&self) -> i32 {
-        if self.readonly {
-            return 0;
-        }
-        if self.metadata_failed.get() {
-            return -libc::EIO;
-        }
-        let Some(dev) = self.dev() else {
-            return -libc::EIO;
-        };
-        if let Err(err) = dev.flush_meta().await {
-            error!("qcow2: cannot write metadata: {err:?}; FLUSH fails from now on");
-            self.metadata_failed.set(true);
-            return -libc::EIO;
-        }
-        if let Err(err) = dev.fsync_range(0, usize::MAX).await {
-            // After a failed fsync the page cache may have dropped the
-            // data: nothing written since can be promised either.
-            error!("qcow2: fdatasync failed: {err:?}; FLUSH fails from now on");
-            self.metadata_failed.set(true);
-            return -libc::EIO;
-        }
-        0
-    }
-
-    async fn write_zeroes(&self, dev: &Dev, offset: u64, len: u64) -> Qcow2Result<()> {
-        let zeroes = vec![0u8; ZERO_CHUNK_BYTES.min(len as usize)];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeroes.len() as u64);
-            let chunk = &zeroes[..n as usize];
-            self.core
-                .with_data(chunk.as_ptr(), chunk.len(), true, dev.write_at(chunk, at))
-                .await?;
-            at += n;
-        }
-        Ok(())
-    }
-
-    async fn zero(&self, offset: u64, len: u64, unmap: bool) -> i32 {
-        if self.readonly || self.touches_bad_entry(offset, len) {
-            return -libc::EIO;
-        }
-        let cluster = self.cluster_bytes();
-        let end = offset + len;
-        let first_whole = offset.div_ceil(cluster);
-        let end_whole = end / cluster;
-        let mut to_write: Vec<(u64, u64)> = Vec::new();
-        if !unmap || first_whole >= end_whole {
-            to_write.push((offset, len));
-        } else {
-            if offset < first_whole * cluster {
-                to_write.push((offset, first_whole * cluster - offset));
-            }
-            match self.unmap(first_whole, end_whole - first_whole).await {
-                Ok(unhandled) => to_write.extend(
-                    unhandled
-                        .into_iter()
-                        .map(|(c, n)| (c * cluster, n * cluster)),
-                ),
-                Err(errno) => return errno,
-            }
-            if end_whole * cluster < end {
-                to_write.push((end_whole * cluster, end - end_whole * cluster));
-            }
-        }
-        let Some(dev) = self.dev() else {
-            return -libc::EIO;
-        };
-        for (at, n) in to_write {
-            if self.metadata_failed.get() && !self.all_allocated(&dev, at, n).await {
-                return -libc::ENOSPC;
-            }
-            if let Err(err) = self.write_zeroes(&dev, at, n).await {
-                warn!("qcow2: writing zeroes at {at:#x} failed: {err:?}");
-                return -libc::EIO;
-            }
-        }
-        0
-    }
-
-    /// Frees whole clusters (the barrier described in the module
-    /// documentation). Returns the runs that must be zeroed by writing.
-    async fn unmap(&self, first: u64, count: u64) -> Result<Vec<(u64, u64)>, i32> {
-        if self.metadata_failed.get() {
-            return Ok(vec![(first, count)]);
-        }
-        let Some(dev) = self.dev.borrow_mut().take() else {
-            return Err(-libc::EIO);
-        };
-        if let Err(err) = dev.flush_meta().await {
-            error!("qcow2: cannot write metadata before a discard: {err:?}");
-            self.metadata_failed.set(true);
-            *self.dev.borrow_mut() = Some(dev);
-            return Ok(vec![(first, count)]);
-        }
-        // Nothing else runs during a barrier, so this is the last reference.
-        drop(dev);
-        let image = &self.chain[0];
-        let outcome = meta::unmap(&image.file, &image.layout, first, count, UnmapMode::Discard);
-        let reopened = open_dev(&self.core, &self.chain, self.readonly).await;
-        match reopened {
-            Ok(dev) => *self.dev.borrow_mut() = Some(Rc::new(dev)),
-            Err(message) => {
-                error!(
-                    "{}: cannot open the image again after a discard: {message}; \
-                     every request fails from now on",
-                    image.path.display()
-                );
-                self.failed.set(true);
-                return Err(-libc::EIO);
-            }
-        }
-        match outcome {
-            Ok(outcome) => {
-                self.core
-                    .counters()
-                    .clusters_freed
-                    .fetch_add(outcome.freed_clusters, Ordering::Relaxed);
-                Ok(outcome.unhandled)
-            }
-            Err(err) => {
-                error!("{}: discard failed: {err}", image.path.display());
-                Err(-libc::EIO)
-            }
-        }
     }
 }
 
