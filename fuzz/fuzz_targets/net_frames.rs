@@ -155,7 +155,8 @@ impl Target {
             return Err(kinds);
         }
         let mut bytes = Vec::with_capacity(total as usize);
-        for &(addr, len, _) in &chain.descs {
+        // (A zero-length buffer may be anywhere, even outside guest memory.)
+        for &(addr, len, _) in chain.descs.iter().filter(|d| d.1 > 0) {
             let start = bytes.len();
             bytes.resize(start + len as usize, 0);
             self.ram
