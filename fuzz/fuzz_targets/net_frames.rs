@@ -31,6 +31,8 @@
 //!   in the tap only when the guest's buffers ran out, and chains in the
 //!   ring only when a frame's worth was taken; no guest byte changes
 //!   outside the buffers of the chains used and the used ring;
+//! - when the RX queue stops (`PairWorker::stop_rx`), the chains the
+//!   worker holds go back unused, in the order it took them;
 //! - the used ring gets one entry per chain answered, for the head the
 //!   available ring held (heads past the queue size cannot be answered), in
 //!   the order above.
@@ -44,9 +46,10 @@
 //! four u16 ring indices follow: TX next_avail, next_used, RX next_avail,
 //! next_used), a sizes byte (TX queue size 2^(bits 0-2), RX 2^(bits 3-5),
 //! at most `net::MAX_QUEUE_SIZE`), then operations, each an op byte (bits
-//! 0-1): 0 adds 1-8 TX chains (bits 2-4), 1 kicks TX, 2 adds 1-8 RX chains,
-//! 3 writes 0-3 frames (bits 2-3) to the tap and then kicks RX (bit 4 set:
-//! the tap wakes the worker instead). A chain: see `net::add_chain`; a
+//! 0-1): 0 adds 1-8 TX chains (bits 2-4), 1 kicks TX (bit 2 set: stops
+//! RX instead), 2 adds 1-8 RX chains, 3 writes 0-3 frames (bits 2-3) to
+//! the tap and then kicks RX (bit 4 set: the tap wakes the worker
+//! instead). A chain: see `net::add_chain`; a
 //! frame: see `net::frame` (`net` is fuzz/src/net.rs, which also lays out
 //! guest memory). seeds/net_frames.py writes such inputs.
 
@@ -310,6 +313,33 @@ impl Target {
         let after = snapshot(&ram);
         if let Some(at) = changed_outside(&before, &after, std::slice::from_ref(&used_ring)) {
             panic!("a TX kick changed guest byte {at:#x}");
+        }
+    }
+
+    /// The RX queue stops (GET_VRING_BASE): the chains the worker holds
+    /// go back unused, in the order it took them, and nothing else changes.
+    fn stop_rx(&mut self) {
+        let ram = Arc::clone(&self.ram);
+        let before = snapshot(&ram);
+        let next_used = self.rx.next_used();
+        self.worker.stop_rx();
+        let expected: Vec<(u16, u32)> = self
+            .stash
+            .drain(..)
+            .filter(|t| t.head < self.rx.size)
+            .map(|t| (t.head, 0))
+            .collect();
+        if tracing() {
+            eprintln!("RX stop: {} chains returned", expected.len());
+        }
+        assert_eq!(
+            self.rx.used_entries(&ram, next_used),
+            expected,
+            "RX chains returned when the queue stops"
+        );
+        let after = snapshot(&ram);
+        if let Some(at) = changed_outside(&before, &after, &[self.rx.used_range()]) {
+            panic!("stopping RX changed guest byte {at:#x}");
         }
     }
 
@@ -635,6 +665,7 @@ fuzz_target!(|data: &[u8]| {
                     target.add_chain(&mut input, false);
                 }
             }
+            1 if op & 4 != 0 => target.stop_rx(),
             1 => target.tx_kick(),
             2 => {
                 for _ in 0..1 + (op >> 2) % 8 {

@@ -2,7 +2,8 @@
 fuzz_targets/net_frames.rs): plain and offloaded TX frames up to the
 largest, TX chains of every bad kind, receive chains with and without
 MRG_RXBUF (frames in one chain, merged over several, truncated), bad
-receive chains, frames waiting for buffers, and rings whose indices wrap."""
+receive chains, frames waiting for buffers, the RX queue stopped with
+chains taken, and rings whose indices wrap."""
 
 import struct
 
@@ -56,6 +57,7 @@ def rx_chains(*chains):
 
 
 TX_KICK = b"\x01"
+RX_STOP = b"\x05"
 
 
 def frame(kind, v, head=b""):
@@ -129,7 +131,9 @@ seeds = {
     + rx_chains(chain([desc(BUMP, 0x8000)]))
     + rx([])
     + rx_chains(chain([desc(BUMP, 0x8000)]), chain([desc(BUMP, 0x1000)]))
-    + rx([], tap=True),
+    + rx([], tap=True)
+    # The queue stops with chains taken and not used: they go back.
+    + RX_STOP + rx_chains(chain([desc(BUMP, 0x10100)])) + rx([frame(0, 9)]),
     "rings-wrap": struct.pack("<B", EVENT_IDX | INDICES) + struct.pack("<HHHH", 0xfffe, 0xfffe, 0xffff, 0xffff)
     + sizes(2, 4)
     + tx_chains(plain_tx(60), plain_tx(70)) + TX_KICK + tx_chains(plain_tx(80)) + TX_KICK
