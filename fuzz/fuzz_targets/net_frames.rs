@@ -557,11 +557,16 @@ impl Target {
         // overlap: a later frame may then have overwritten an earlier one).
         let mut spans: Vec<Range<u64>> = written
             .iter()
+            .filter(|w| w.1 > 0)
             .map(|&(s, l)| range(s, u64::from(l)))
             .collect();
         spans.sort_by_key(|r| r.start);
-        if spans.windows(2).any(|w| overlaps(&w[0], &w[1])) {
-            return true;
+        let mut end = 0;
+        for span in &spans {
+            if span.start < end {
+                return true;
+            }
+            end = end.max(span.end);
         }
         for (mut frame, group) in landed {
             let num_buffers = group.len() as u16;
