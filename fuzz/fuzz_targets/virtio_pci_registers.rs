@@ -374,7 +374,10 @@ impl Machine {
             assert_eq!(size, BAR_SIZE, "the BAR changed size");
             assert_eq!(base % size, 0, "BAR at {base:#x} is not naturally aligned");
             // A BAR may end at the top of the address space, not past it.
-            assert!(base.checked_add(size - 1).is_some(), "BAR wraps at {base:#x}");
+            assert!(
+                base.checked_add(size - 1).is_some(),
+                "BAR wraps at {base:#x}"
+            );
             base
         })
     }

@@ -1,7 +1,8 @@
 """Seeds for the vhost_user_messages target (see the decoder in
 fuzz_targets/vhost_user_messages.rs): the sessions a frontend (ringvm,
-QEMU) opens with ringvm-blk, a queue served from guest RAM in a memfd, and
-a few malformed messages."""
+QEMU) opens with ringvm-blk and ringvm-net, queues served from guest RAM in
+a memfd (disk requests; frames sent, and frames received from the tap
+double, with and without merged buffers), and a few malformed messages."""
 
 import struct
 
@@ -31,6 +32,9 @@ def send(request, payload=b"", fds=(), flags=VERSION):
     for i, kind in enumerate(fds):
         control |= kind << (2 + 2 * i)
     return struct.pack("<BH", control, len(message)) + message
+
+
+PAUSE = struct.pack("<BH", 0, 0)
 
 
 def u64(request, value, **kw):
@@ -91,13 +95,63 @@ def ram_prefix(ram):
     return struct.pack("<H", len(ram)) + ram
 
 
+NET = 0x80
+NET_MAC, NET_TWO_PAIRS, NET_FRAMES_WAITING = 0x01, 0x02, 0x04
+# VERSION_1, PROTOCOL_FEATURES, INDIRECT_DESC, CSUM, GUEST_CSUM, GUEST_TSO4/6,
+# HOST_TSO4/6, STATUS, MQ (and EVENT_IDX, MRG_RXBUF, MAC where asked).
+NET_FEATURES = ((1 << 32) | (1 << 30) | (1 << 28) | (1 << 0) | (1 << 1) | (1 << 7) | (1 << 8)
+                | (1 << 11) | (1 << 12) | (1 << 16) | (1 << 22))
+EVENT_IDX, MRG_RXBUF, MAC = 1 << 29, 1 << 15, 1 << 5
+RX_DESC, RX_AVAIL, RX_USED = 0x0, 0x100, 0x200
+TX_DESC, TX_AVAIL, TX_USED = 0x400, 0x500, 0x600
+TX_HDR, TX_DATA, RX_DATA = 0x800, 0x900, 0x1_0000
+
+
+def net_handshake(features):
+    return (send(SET_OWNER) + send(GET_FEATURES) + send(GET_PROTOCOL_FEATURES)
+            + u64(SET_PROTOCOL_FEATURES, PROTOCOL) + send(GET_QUEUE_NUM)
+            + send(GET_CONFIG, struct.pack("<III", 0, 10, 0) + bytes(10))
+            + u64(SET_FEATURES, features))
+
+
+def net_queue(index, desc, avail, used, kick=SIGNALLED):
+    return (state(SET_VRING_NUM, index, QSIZE) + vring_addr(index, desc, used, avail)
+            + state(SET_VRING_BASE, index, 0) + u64(SET_VRING_CALL, index, fds=[EVENTFD])
+            + u64(SET_VRING_KICK, index, fds=[kick]) + state(SET_VRING_ENABLE, index, 1))
+
+
+def net_ram(rx_buffer_bytes, rx_chains):
+    """Guest RAM: `rx_chains` receive chains of `rx_buffer_bytes` each, and
+    one frame to send (header and 60 bytes in two buffers)."""
+    ram = bytearray(TX_DATA + 60)
+
+    def put(addr, data):
+        ram[addr:addr + len(data)] = data
+
+    for i in range(rx_chains):
+        put(RX_DESC + 16 * i, struct.pack("<QIHH", RX_DATA + i * rx_buffer_bytes, rx_buffer_bytes, 2, 0))
+    put(RX_AVAIL, struct.pack("<HH", 0, rx_chains) + b"".join(struct.pack("<H", i) for i in range(rx_chains)))
+    put(TX_DESC, struct.pack("<QIHH", TX_HDR, 12, 1, 1))
+    put(TX_DESC + 16, struct.pack("<QIHH", TX_DATA, 60, 0, 0))
+    put(TX_AVAIL, struct.pack("<HHH", 0, 1, 0))
+    put(TX_DATA, b"\xff" * 6 + b"\x52\x54\x00\x12\x34\x56" + b"\x08\x06")
+    return bytes(ram)
+
+
+def net_session(flags, features, rx_buffer_bytes, rx_chains):
+    return (struct.pack("<B", NET | flags) + ram_prefix(net_ram(rx_buffer_bytes, rx_chains))
+            + net_handshake(features) + mem_table([(0, RAM, VA, 0)])
+            + net_queue(0, RX_DESC, RX_AVAIL, RX_USED) + net_queue(1, TX_DESC, TX_AVAIL, TX_USED)
+            + PAUSE + state(GET_VRING_BASE, 0, 0) + state(GET_VRING_BASE, 1, 0))
+
+
 seeds = {
     "session": b"\x00" + ram_prefix(b"") + handshake()
     + mem_table([(0, RAM, VA, 0)]) + start_queue(0, kick=EVENTFD)
     + state(GET_VRING_BASE, 0, 0),
     "serve-requests": b"\x00" + ram_prefix(ram_with_requests()) + handshake()
     + mem_table([(0, RAM, VA, 0)]) + start_queue(0)
-    + state(GET_VRING_BASE, 0, 0),
+    + PAUSE + state(GET_VRING_BASE, 0, 0),
     "two-queues-mem-slots": b"\x02" + ram_prefix(b"") + handshake()
     + send(GET_MAX_MEM_SLOTS)
     + send(ADD_MEM_REG, struct.pack("<QQQQQ", 0, 0, RAM, VA, 0), fds=[MEMFD])
@@ -111,4 +165,11 @@ seeds = {
     + send(GET_CONFIG, struct.pack("<III", 0xFFFFFF00, 0x200, 0))
     + state(SET_VRING_NUM, 7, 3) + mem_table([(0, RAM * 4, VA, RAM)])
     + u64(SET_VRING_KICK, 0x100, fds=[PIPE]) + send(0x7F),
+    "net-session": net_session(NET_FRAMES_WAITING, NET_FEATURES, 1526, 3),
+    "net-merged-buffers": net_session(NET_FRAMES_WAITING | NET_MAC, NET_FEATURES | MRG_RXBUF | EVENT_IDX | MAC,
+                                      0x4000, 8),
+    "net-two-pairs": struct.pack("<B", NET | NET_TWO_PAIRS) + ram_prefix(b"") + net_handshake(NET_FEATURES)
+    + mem_table([(0, RAM, VA, 0)]) + net_queue(0, RX_DESC, RX_AVAIL, RX_USED, kick=EVENTFD)
+    + net_queue(3, TX_DESC, TX_AVAIL, TX_USED, kick=EVENTFD) + state(SET_VRING_ENABLE, 3, 0)
+    + state(GET_VRING_BASE, 3, 0) + send(RESET_OWNER),
 }

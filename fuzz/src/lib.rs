@@ -1,6 +1,7 @@
-//! What the fuzz targets share: a byte cursor over the input, and a
-//! ringvm-blk queue worker in-process (memfd image, sync engine, a vring
-//! over guest memory), built as `BlkBackend` builds its workers.
+//! What the fuzz targets share: a byte cursor over the input, a ringvm-blk
+//! queue worker in-process (memfd image, sync engine, a vring over guest
+//! memory), built as `BlkBackend` builds its workers, and a tap double for
+//! ringvm-net ([`NetTapDouble`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -16,6 +17,8 @@ use ringvm_blk::image::{open, Format, ImageFormat, OpenOptions};
 use ringvm_blk::queue::{engine_files, GuestRam, GuestRamAtomic, QueueWorker, Vring};
 use vhost_user_backend::VringT;
 use vm_memory::{Bytes as _, GuestAddress};
+
+pub mod net;
 
 /// Reads the input front to back; zeroes once it is exhausted, so every
 /// input decodes to something.
@@ -188,4 +191,72 @@ pub fn read_guest(ram: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
 pub fn tracing() -> bool {
     static TRACE: OnceLock<bool> = OnceLock::new();
     *TRACE.get_or_init(|| std::env::var_os("RINGVM_FUZZ_TRACE").is_some())
+}
+
+/// The tap of a ringvm-net device, as a double: one connected
+/// `socketpair(AF_UNIX, SOCK_SEQPACKET)` per queue pair (frames keep their
+/// boundaries, as on a tap queue). The backend gets one end of each as its
+/// tap queue; the target keeps the other, the network side, in `peers`.
+/// Unlike a tap, it does not take TUNSETOFFLOAD (the backend logs that and
+/// goes on), and it hands over whatever the target writes, also frames
+/// shorter than a virtio-net header.
+pub struct NetTapDouble {
+    pub tap: Arc<ringvm_net::tap::Tap>,
+    pub peers: Vec<ringvm_net::tap::FrameFd>,
+    /// The backend's ends can queue every frame a queue's worth of chains
+    /// holds (the send buffers were raised past the system's limit, which
+    /// needs CAP_NET_ADMIN); without it a write may fail with EAGAIN.
+    pub roomy: bool,
+}
+
+/// Send buffer of each end of the tap double: 64 frames of 64 KiB with
+/// the kernel's per-frame overhead.
+const TAP_DOUBLE_SNDBUF_BYTES: libc::c_int = 16 << 20;
+
+fn set_sndbuf(fd: &impl AsRawFd) -> bool {
+    let set = |option: libc::c_int| {
+        let size = TAP_DOUBLE_SNDBUF_BYTES;
+        // SAFETY: setsockopt reads an int of `size_of::<c_int>()` bytes
+        // through the pointer, which points to `size` on this stack frame;
+        // the descriptor is an open socket.
+        let ret = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        ret == 0
+    };
+    // SO_SNDBUF alone is capped at net.core.wmem_max.
+    set(libc::SO_SNDBUFFORCE) || {
+        set(libc::SO_SNDBUF);
+        false
+    }
+}
+
+impl NetTapDouble {
+    pub fn new(pairs: u16) -> NetTapDouble {
+        let mut queues = Vec::new();
+        let mut peers = Vec::new();
+        let mut roomy = true;
+        for _ in 0..pairs {
+            let (backend_end, peer) = ringvm_net::tap::seqpacket_pair().expect("socketpair");
+            roomy &= set_sndbuf(&backend_end);
+            set_sndbuf(&peer);
+            queues.push(Arc::new(backend_end));
+            peers.push(peer);
+        }
+        let tap = ringvm_net::tap::Tap {
+            name: "fuzz-tap".to_string(),
+            queues,
+        };
+        NetTapDouble {
+            tap: Arc::new(tap),
+            peers,
+            roomy,
+        }
+    }
 }
