@@ -31,8 +31,11 @@
 //!   in the tap only when the guest's buffers ran out, and chains in the
 //!   ring only when a frame's worth was taken; no guest byte changes
 //!   outside the buffers of the chains used and the used ring;
-//! - when the RX queue stops (`PairWorker::stop_rx`), the chains the
-//!   worker holds go back unused, in the order it took them;
+//! - the pair is served once both rings are live (`follow_enable`, then
+//!   `on_enabled` serves both rings, checked as above); when a ring stops
+//!   (`stop_ring`, GET_VRING_BASE) kicks are not served until it starts
+//!   again, and for the RX ring the chains the worker holds go back
+//!   unused, in the order it took them;
 //! - the used ring gets one entry per chain answered, for the head the
 //!   available ring held (heads past the queue size cannot be answered), in
 //!   the order above.
@@ -47,7 +50,8 @@
 //! next_used), a sizes byte (TX queue size 2^(bits 0-2), RX 2^(bits 3-5),
 //! at most `net::MAX_QUEUE_SIZE`), then operations, each an op byte (bits
 //! 0-1): 0 adds 1-8 TX chains (bits 2-4), 1 kicks TX (bit 2 set: stops
-//! RX instead), 2 adds 1-8 RX chains, 3 writes 0-3 frames (bits 2-3) to
+//! the RX ring, or with bit 3 the TX ring, and starts it again, instead),
+//! 2 adds 1-8 RX chains, 3 writes 0-3 frames (bits 2-3) to
 //! the tap and then kicks RX (bit 4 set: the tap wakes the worker
 //! instead). A chain: see `net::add_chain`; a
 //! frame: see `net::frame` (`net` is fuzz/src/net.rs, which also lays out
@@ -80,6 +84,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes as _, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Operations per input.
 const MAX_OPS: usize = 48;
@@ -112,8 +117,65 @@ struct Target {
     stash: VecDeque<Taken>,
 }
 
+/// The TX side before the worker runs: what [`Target::tx_check`] checks
+/// against.
+struct TxPlan {
+    next_avail: u16,
+    next_used: u16,
+    chains: Option<Vec<Chain>>,
+    /// Per chain: its bytes, or the kinds of [`BadFrame`] it has.
+    verdicts: Vec<Result<Vec<u8>, u8>>,
+    bad: Vec<u64>,
+    frames: u64,
+    bytes: u64,
+    errors: u64,
+}
+
+/// The RX side before the worker runs: what [`Target::rx_check`] checks
+/// against.
+struct RxPlan {
+    next_avail: u16,
+    next_used: u16,
+    chains: Option<Vec<Chain>>,
+    /// Receive buffers overlap what the device reads to find chains.
+    self_modifying: bool,
+    counts: [u64; 5],
+}
+
+/// Frames read, truncated, bytes read, bad chains, read errors.
+fn rx_counts(c: &PairCounters) -> [u64; 5] {
+    [
+        load(&c.rx_frames),
+        load(&c.rx_truncated),
+        load(&c.rx_bytes),
+        load(&c.rx_bad_chains),
+        load(&c.rx_errors),
+    ]
+}
+
 fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
+}
+
+/// Whether `got` is `want`, except at bytes whose guest address (`want`
+/// is the stream of `descs`) lies in `skip`.
+fn frame_matches(got: &[u8], want: &[u8], descs: &[(u64, u32, bool)], skip: &Range<u64>) -> bool {
+    if got.len() != want.len() {
+        return false;
+    }
+    if got == want {
+        return true;
+    }
+    let mut offset = 0usize;
+    for &(addr, len, _) in descs {
+        let len = len as usize;
+        let (g, w) = (&got[offset..offset + len], &want[offset..offset + len]);
+        if g != w && (0..len).any(|i| g[i] != w[i] && !skip.contains(&(addr + i as u64))) {
+            return false;
+        }
+        offset += len;
+    }
+    true
 }
 
 impl Target {
@@ -186,25 +248,32 @@ impl Target {
         Ok(bytes)
     }
 
-    fn tx_kick(&mut self) {
-        let ram = Arc::clone(&self.ram);
-        let before = snapshot(&ram);
+    fn tx_plan(&self) -> TxPlan {
         let next_avail = self.tx.next_avail();
-        let next_used = self.tx.next_used();
-        let chains = walk(&ram, &self.tx, next_avail);
-        // What the chains are, from guest memory as the kick finds it.
-        let verdicts: Vec<_> = chains
+        let chains = walk(&self.ram, &self.tx, next_avail);
+        // What the chains are, from guest memory as the worker finds it.
+        let verdicts = chains
             .iter()
             .flatten()
             .map(|c| self.tx_verdict(c))
             .collect();
         let c = &self.counters;
-        let bad_before: Vec<u64> = c.tx_bad.iter().map(load).collect();
-        let (frames_before, bytes_before, errors_before) =
-            (load(&c.tx_frames), load(&c.tx_bytes), load(&c.tx_errors));
+        TxPlan {
+            next_avail,
+            next_used: self.tx.next_used(),
+            chains,
+            verdicts,
+            bad: c.tx_bad.iter().map(load).collect(),
+            frames: load(&c.tx_frames),
+            bytes: load(&c.tx_bytes),
+            errors: load(&c.tx_errors),
+        }
+    }
 
-        self.worker.on_tx_kick(&self.tx.vring);
-
+    /// Checks what the worker did with the TX queue since `plan`; returns
+    /// the guest bytes it may have written (the used ring).
+    fn tx_check(&mut self, plan: TxPlan) -> Vec<Range<u64>> {
+        let ram = Arc::clone(&self.ram);
         let mut sent = Vec::new();
         let mut buf = vec![0u8; 2 * (VNET_HDR_BYTES + MAX_TX_FRAME_BYTES)];
         while let Some(n) = self
@@ -218,25 +287,26 @@ impl Target {
         let bad: Vec<u64> = c
             .tx_bad
             .iter()
-            .zip(&bad_before)
+            .zip(&plan.bad)
             .map(|(a, b)| load(a) - b)
             .collect();
-        let frames = load(&c.tx_frames) - frames_before;
-        let bytes = load(&c.tx_bytes) - bytes_before;
-        let errors = load(&c.tx_errors) - errors_before;
-        let taken = self.tx.next_avail().wrapping_sub(next_avail);
+        let frames = load(&c.tx_frames) - plan.frames;
+        let bytes = load(&c.tx_bytes) - plan.bytes;
+        let errors = load(&c.tx_errors) - plan.errors;
+        let taken = self.tx.next_avail().wrapping_sub(plan.next_avail);
         if tracing() {
             eprintln!(
-                "TX kick: {taken} chains taken of {:?}, {} frames sent, bad {bad:?}, \
+                "TX: {taken} chains taken of {:?}, {} frames sent, bad {bad:?}, \
                  {errors} write errors",
-                chains.as_ref().map(Vec::len),
+                plan.chains.as_ref().map(Vec::len),
                 sent.len()
             );
         }
 
         // Every chain available is taken (none with the index too far
         // ahead), and answered in order with length 0.
-        let chains = chains.unwrap_or_default();
+        let chains = plan.chains.unwrap_or_default();
+        let verdicts = plan.verdicts;
         assert_eq!(
             usize::from(taken),
             chains.len(),
@@ -248,25 +318,23 @@ impl Target {
             .map(|c| (c.head, 0))
             .collect();
         assert_eq!(
-            self.tx.used_entries(&ram, next_used),
+            self.tx.used_entries(&ram, plan.next_used),
             expected,
             "TX used entries"
         );
 
-        // Valid frames are on the tap, in order, as the chains hold them;
-        // one that is not was refused by the tap (only when the double could
-        // not be given room for a queue's worth).
+        // Valid frames are on the tap, in order, as the chains held them
+        // (bar the bytes of the used ring, which the worker writes while it
+        // reads); one that is not was refused by the tap (only when the
+        // double could not be given room for a queue's worth).
         let mut next_sent = sent.iter().peekable();
         let mut unsent = 0u64;
         let used_ring = self.tx.used_range();
         for (chain, verdict) in chains.iter().zip(&verdicts) {
             let Ok(want) = verdict else { continue };
-            let matches = next_sent.peek().is_some_and(|got| {
-                let buffers: Vec<_> = chain.descs.iter().map(|d| (d.0, d.1)).collect();
-                got.len() == want.len()
-                    && (*got == want
-                        || stream_matches(&ram, &buffers, got, 0..0, &used_ring).is_ok())
-            });
+            let matches = next_sent
+                .peek()
+                .is_some_and(|got| frame_matches(got, want, &chain.descs, &used_ring));
             if matches {
                 next_sent.next();
             } else {
@@ -308,39 +376,7 @@ impl Target {
                 "dropped TX chains counted as kinds they do not have: {bad:?} for {dropped:?}"
             );
         }
-
-        // Only the used ring changed.
-        let after = snapshot(&ram);
-        if let Some(at) = changed_outside(&before, &after, std::slice::from_ref(&used_ring)) {
-            panic!("a TX kick changed guest byte {at:#x}");
-        }
-    }
-
-    /// The RX queue stops (GET_VRING_BASE): the chains the worker holds
-    /// go back unused, in the order it took them, and nothing else changes.
-    fn stop_rx(&mut self) {
-        let ram = Arc::clone(&self.ram);
-        let before = snapshot(&ram);
-        let next_used = self.rx.next_used();
-        self.worker.stop_rx();
-        let expected: Vec<(u16, u32)> = self
-            .stash
-            .drain(..)
-            .filter(|t| t.head < self.rx.size)
-            .map(|t| (t.head, 0))
-            .collect();
-        if tracing() {
-            eprintln!("RX stop: {} chains returned", expected.len());
-        }
-        assert_eq!(
-            self.rx.used_entries(&ram, next_used),
-            expected,
-            "RX chains returned when the queue stops"
-        );
-        let after = snapshot(&ram);
-        if let Some(at) = changed_outside(&before, &after, &[self.rx.used_range()]) {
-            panic!("stopping RX changed guest byte {at:#x}");
-        }
+        vec![used_ring]
     }
 
     /// Whether the stash lets the worker read a frame.
@@ -352,11 +388,9 @@ impl Target {
         }
     }
 
-    /// Writes frames to the tap and kicks RX; false when the input must
-    /// end (the device may have rewritten the rings).
-    fn rx_step(&mut self, input: &mut Bytes<'_>, op: u8) -> bool {
-        let ram = Arc::clone(&self.ram);
-        for _ in 0..(op >> 2) & 3 {
+    /// Writes `count` frames from the input to the tap.
+    fn write_frames(&mut self, input: &mut Bytes<'_>, count: u8) {
+        for _ in 0..count {
             let mut bytes = frame(input);
             if self.pending.len() >= MAX_PENDING_FRAMES {
                 continue;
@@ -367,10 +401,12 @@ impl Target {
                 self.pending.push_back(bytes);
             }
         }
-        let before = snapshot(&ram);
+    }
+
+    fn rx_plan(&self) -> RxPlan {
+        let ram = &self.ram;
         let next_avail = self.rx.next_avail();
-        let next_used = self.rx.next_used();
-        let chains = walk(&ram, &self.rx, next_avail);
+        let chains = walk(ram, &self.rx, next_avail);
         // Buffers the frames may land in, against what the device reads to
         // find chains.
         let mut rings: Vec<Range<u64>> = self
@@ -378,8 +414,8 @@ impl Target {
             .driver_ranges()
             .into_iter()
             .chain(self.rx.driver_ranges())
-            .chain(indirect_tables(&ram, &self.tx))
-            .chain(indirect_tables(&ram, &self.rx))
+            .chain(indirect_tables(ram, &self.tx))
+            .chain(indirect_tables(ram, &self.rx))
             .collect();
         rings.push(INDIRECT..INDIRECT + INDIRECT_SLOTS * INDIRECT_SLOT_BYTES);
         let writable = chains
@@ -390,36 +426,32 @@ impl Target {
         let self_modifying = writable
             .map(|(a, l)| range(a, u64::from(l)))
             .any(|w| rings.iter().any(|r| overlaps(&w, r)));
-        let c = &self.counters;
-        let counts = |c: &PairCounters| {
-            [
-                load(&c.rx_frames),
-                load(&c.rx_truncated),
-                load(&c.rx_bytes),
-                load(&c.rx_bad_chains),
-                load(&c.rx_errors),
-            ]
-        };
-        let counts_before = counts(c);
-
-        if op & 0x10 != 0 {
-            self.worker.on_tap_readable(&self.rx.vring);
-        } else {
-            self.worker.on_rx_kick(&self.rx.vring);
+        RxPlan {
+            next_avail,
+            next_used: self.rx.next_used(),
+            chains,
+            self_modifying,
+            counts: rx_counts(&self.counters),
         }
+    }
 
-        let counts_after = counts(&self.counters);
+    /// Checks what the worker did with the RX queue and the tap since
+    /// `plan`; returns the guest bytes it may have written, or None when
+    /// the input must end (the device may have rewritten the rings).
+    fn rx_check(&mut self, plan: RxPlan) -> Option<Vec<Range<u64>>> {
+        let ram = Arc::clone(&self.ram);
+        let counts = rx_counts(&self.counters);
         let [frames, truncated, bytes, bad_chains, errors] =
-            std::array::from_fn(|i| counts_after[i] - counts_before[i]);
+            std::array::from_fn(|i| counts[i] - plan.counts[i]);
         let read = (frames + truncated) as usize;
-        let taken = usize::from(self.rx.next_avail().wrapping_sub(next_avail));
+        let taken = usize::from(self.rx.next_avail().wrapping_sub(plan.next_avail));
         if tracing() {
             eprintln!(
                 "RX: {} frames waiting, {taken} chains taken of {:?} ({bad_chains} bad), \
                  {frames} frames, {truncated} truncated{}",
                 self.pending.len(),
-                chains.as_ref().map(Vec::len),
-                if self_modifying {
+                plan.chains.as_ref().map(Vec::len),
+                if plan.self_modifying {
                     ", buffers over the rings"
                 } else {
                     ""
@@ -428,12 +460,12 @@ impl Target {
         }
         assert_eq!(errors, 0, "reading the tap double failed");
         assert!(read <= self.pending.len(), "more frames read than written");
-        if self_modifying {
-            return false;
+        if plan.self_modifying {
+            return None;
         }
 
         // The chains taken: bad ones answered at once, good ones stashed.
-        let chains = chains.unwrap_or_default();
+        let chains = plan.chains.unwrap_or_default();
         assert!(
             taken <= chains.len(),
             "RX chains taken beyond those available"
@@ -533,28 +565,27 @@ impl Target {
         self.stash = stash;
 
         assert_eq!(
-            self.rx.used_entries(&ram, next_used),
+            self.rx.used_entries(&ram, plan.next_used),
             expected,
             "RX used entries"
         );
         assert_eq!(frames, good_frames, "rx_frames");
         assert_eq!(truncated, truncated_frames, "rx_truncated");
         assert_eq!(bytes, good_bytes, "rx_bytes");
+        self.check_landed(&landed, &written);
 
-        // Only the buffers of the chains used and the used ring changed.
-        let used_ring = self.rx.used_range();
-        let after = snapshot(&ram);
         let mut allowed: Vec<Range<u64>> = written
             .iter()
             .map(|&(s, l)| range(s, u64::from(l)))
             .collect();
-        allowed.push(used_ring.clone());
-        if let Some(at) = changed_outside(&before, &after, &allowed) {
-            panic!("an RX step changed guest byte {at:#x}, outside the buffers used {written:x?}");
-        }
+        allowed.push(self.rx.used_range());
+        Some(allowed)
+    }
 
-        // Each frame, with num_buffers, in its chains (unless buffers
-        // overlap: a later frame may then have overwritten an earlier one).
+    /// Each frame, with num_buffers, in its chains (unless the buffers
+    /// written overlap: a later frame may then have overwritten an earlier
+    /// one).
+    fn check_landed(&self, landed: &[(Vec<u8>, Vec<Taken>)], written: &[(u64, u32)]) {
         let mut spans: Vec<Range<u64>> = written
             .iter()
             .filter(|w| w.1 > 0)
@@ -564,11 +595,13 @@ impl Target {
         let mut end = 0;
         for span in &spans {
             if span.start < end {
-                return true;
+                return;
             }
             end = end.max(span.end);
         }
-        for (mut frame, group) in landed {
+        let used_ring = self.rx.used_range();
+        for (frame, group) in landed {
+            let mut frame = frame.clone();
             let num_buffers = group.len() as u16;
             // The header is in the first chain, unless the guest gave one
             // shorter than a header (which MRG_RXBUF forbids).
@@ -580,14 +613,125 @@ impl Target {
                 NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2
             };
             let buffers: Vec<_> = group.iter().flat_map(|t| t.buffers.clone()).collect();
-            if let Err(err) = stream_matches(&ram, &buffers, &frame, skip, &used_ring) {
+            if let Err(err) = stream_matches(&self.ram, &buffers, &frame, skip, &used_ring) {
                 panic!(
                     "a frame of {} bytes in {num_buffers} chains {buffers:x?}: {err}",
                     frame.len()
                 );
             }
         }
+    }
+
+    /// Panics if a guest byte changed since `before` outside `allowed`.
+    fn check_memory(&self, before: &[Vec<u8>], allowed: &[Range<u64>], what: &str) {
+        let after = snapshot(&self.ram);
+        if let Some(at) = changed_outside(before, &after, allowed) {
+            panic!("{what} changed guest byte {at:#x}, outside {allowed:x?}");
+        }
+    }
+
+    /// A TX kick (no guest byte but the used ring's changes).
+    fn tx_kick(&mut self) {
+        let before = snapshot(&self.ram);
+        let plan = self.tx_plan();
+        self.worker.on_tx_kick(&self.tx.vring);
+        let allowed = self.tx_check(plan);
+        self.check_memory(&before, &allowed, "a TX kick");
+    }
+
+    /// Writes frames to the tap, then kicks RX or wakes the worker for the
+    /// tap; false when the input must end.
+    fn rx_step(&mut self, input: &mut Bytes<'_>, op: u8) -> bool {
+        self.write_frames(input, (op >> 2) & 3);
+        let before = snapshot(&self.ram);
+        let plan = self.rx_plan();
+        if op & 0x10 != 0 {
+            self.worker.on_tap_readable(&self.rx.vring);
+        } else {
+            self.worker.on_rx_kick(&self.rx.vring);
+        }
+        let Some(allowed) = self.rx_check(plan) else {
+            return false;
+        };
+        self.check_memory(&before, &allowed, "an RX step");
         true
+    }
+
+    /// The pair comes on (its rings live): the worker attaches the tap
+    /// queue and serves what both rings hold, TX first; false when the
+    /// input must end.
+    fn come_on(&mut self) -> bool {
+        assert!(
+            self.worker.follow_enable(&self.rx.vring, &self.tx.vring),
+            "the pair did not come on with both rings started and enabled"
+        );
+        let before = snapshot(&self.ram);
+        let tx_plan = self.tx_plan();
+        let rx_plan = self.rx_plan();
+        self.worker.on_enabled(&self.rx.vring, &self.tx.vring);
+        let mut allowed = self.tx_check(tx_plan);
+        let Some(rx_allowed) = self.rx_check(rx_plan) else {
+            return false;
+        };
+        allowed.extend(rx_allowed);
+        self.check_memory(&before, &allowed, "a pair coming on");
+        true
+    }
+
+    /// GET_VRING_BASE on one ring (the crate stops it, then the backend):
+    /// the pair goes off, and for the RX ring the chains the worker holds
+    /// go back unused, in the order it took them. Then the frontend starts
+    /// the ring again (SET_VRING_KICK) and the pair comes back on. False
+    /// when the input must end.
+    fn stop_and_restart(&mut self, rx_ring: bool) -> bool {
+        let ram = Arc::clone(&self.ram);
+        let before = snapshot(&ram);
+        let ring = if rx_ring { &self.rx } else { &self.tx };
+        ring.vring.set_queue_ready(false);
+        let next_used = self.rx.next_used();
+        self.worker.stop_ring(rx_ring);
+        let expected: Vec<(u16, u32)> = if rx_ring {
+            self.stash
+                .drain(..)
+                .filter(|t| t.head < self.rx.size)
+                .map(|t| (t.head, 0))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if tracing() {
+            let which = if rx_ring { "RX" } else { "TX" };
+            eprintln!("{which} stop: {} chains returned", expected.len());
+        }
+        assert_eq!(
+            self.rx.used_entries(&ram, next_used),
+            expected,
+            "RX chains returned when a ring stops"
+        );
+        // Not live any more: a kick is not served.
+        let tx_plan = self.tx_plan();
+        let rx_plan = self.rx_plan();
+        self.worker.on_tx_kick(&self.tx.vring);
+        self.worker.on_rx_kick(&self.rx.vring);
+        assert_eq!(
+            (self.tx.next_avail(), self.tx.next_used()),
+            (tx_plan.next_avail, tx_plan.next_used),
+            "a stopped pair served its TX ring"
+        );
+        assert_eq!(
+            (self.rx.next_avail(), self.rx.next_used()),
+            (rx_plan.next_avail, rx_plan.next_used),
+            "a stopped pair served its RX ring"
+        );
+        assert_eq!(
+            rx_counts(&self.counters),
+            rx_plan.counts,
+            "a stopped pair read the tap"
+        );
+        self.check_memory(&before, &[self.rx.used_range()], "stopping a ring");
+        let ring = if rx_ring { &self.rx } else { &self.tx };
+        ring.vring.set_queue_ready(true);
+        self.come_on()
     }
 }
 
@@ -636,12 +780,14 @@ fuzz_target!(|data: &[u8]| {
     }
     let tap = NetTapDouble::new(1);
     let counters = Arc::new(PairCounters::default());
+    let changes = Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd"));
     let worker = PairWorker::new(
         0,
-        Arc::clone(&tap.tap.queues[0]),
+        Arc::clone(&tap.tap),
         mem,
         Arc::new(AtomicU64::new(features)),
         Arc::clone(&counters),
+        changes,
     );
     let mut target = Target {
         ram,
@@ -659,6 +805,11 @@ fuzz_target!(|data: &[u8]| {
     if tracing() {
         eprintln!("features {features:#x}, TX queue of {tx_size}, RX queue of {rx_size}");
     }
+    // Both rings started and enabled: the pair comes on (as at the first
+    // event of its thread), with nothing to serve yet.
+    if !target.come_on() {
+        return;
+    }
     for _ in 0..MAX_OPS {
         if input.is_empty() {
             break;
@@ -670,7 +821,11 @@ fuzz_target!(|data: &[u8]| {
                     target.add_chain(&mut input, false);
                 }
             }
-            1 if op & 4 != 0 => target.stop_rx(),
+            1 if op & 4 != 0 => {
+                if !target.stop_and_restart(op & 8 == 0) {
+                    break;
+                }
+            }
             1 => target.tx_kick(),
             2 => {
                 for _ in 0..1 + (op >> 2) % 8 {

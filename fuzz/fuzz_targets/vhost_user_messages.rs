@@ -5,8 +5,9 @@
 //! (`VhostUserDaemon`) around ringvm-blk's `BlkBackend` or ringvm-net's
 //! `NetBackend`, set up as each `daemon.rs` sets up a connection (a new
 //! backend; blk: the io_uring completion eventfds registered with the
-//! worker threads; net: each pair's tap queue put into and taken out of its
-//! worker's epoll by the worker). ringvm-net's tap is a double
+//! worker threads; net: each pair's ring-state eventfd registered with its
+//! worker thread, and its tap queue put into and taken out of the worker's
+//! epoll by the worker). ringvm-net's tap is a double
 //! (`NetTapDouble`, socketpairs), with frames waiting in it if the input
 //! says so, which the RX queues take as soon as they have buffers.
 //!
@@ -304,12 +305,9 @@ fn net(flags: u8) -> Device<NetBackend> {
     }
     let counters = Arc::new(NetCounters::new(usize::from(options.queue_pairs)));
     let mem = GuestRamAtomic::new(GuestRam::new());
-    let inner = Arc::new(NetBackend::new(
-        Arc::clone(&tap.tap),
-        &options,
-        mem.clone(),
-        &counters,
-    ));
+    let inner = Arc::new(
+        NetBackend::new(Arc::clone(&tap.tap), &options, mem.clone(), &counters).expect("backend"),
+    );
     let num_queues = 2 * usize::from(options.queue_pairs);
     let attach_backend = Arc::clone(&inner);
     let stop_backend = Arc::clone(&inner);
@@ -323,6 +321,12 @@ fn net(flags: u8) -> Device<NetBackend> {
         // As ringvm-net's daemon.rs attaches a connection.
         attach: Box::new(move |handlers| {
             for (pair, handler) in handlers.iter().enumerate() {
+                if let Some(event) = attach_backend.ring_state_event(pair) {
+                    let data = NetToken::RingState.device_event(num_queues);
+                    handler
+                        .register_listener(event.as_raw_fd(), EventSet::IN, data)
+                        .expect("ring state listener");
+                }
                 let handler = Arc::downgrade(handler);
                 let fd = tap_queues.queues[pair].as_raw_fd();
                 let data = NetToken::Tap.device_event(num_queues);

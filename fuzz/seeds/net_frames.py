@@ -3,7 +3,8 @@ fuzz_targets/net_frames.rs): plain and offloaded TX frames up to the
 largest, TX chains of every bad kind, receive chains with and without
 MRG_RXBUF (frames in one chain, merged over several, truncated), bad
 receive chains, frames waiting for buffers, the RX queue stopped with
-chains taken, and rings whose indices wrap."""
+chains taken, the TX queue stopped with chains waiting, both started again,
+and rings whose indices wrap."""
 
 import struct
 
@@ -57,7 +58,9 @@ def rx_chains(*chains):
 
 
 TX_KICK = b"\x01"
+# GET_VRING_BASE on a ring, then the ring started again.
 RX_STOP = b"\x05"
+TX_STOP = b"\x0d"
 
 
 def frame(kind, v, head=b""):
@@ -132,11 +135,12 @@ seeds = {
     + rx([])
     + rx_chains(chain([desc(BUMP, 0x8000)]), chain([desc(BUMP, 0x1000)]))
     + rx([], tap=True)
-    # The queue stops with chains taken and not used: they go back.
+    # The queue stops with chains taken and not used: they go back; it
+    # starts again and is served.
     + RX_STOP + rx_chains(chain([desc(BUMP, 0x10100)])) + rx([frame(0, 9)]),
     "rings-wrap": struct.pack("<B", EVENT_IDX | INDICES) + struct.pack("<HHHH", 0xfffe, 0xfffe, 0xffff, 0xffff)
     + sizes(2, 4)
-    + tx_chains(plain_tx(60), plain_tx(70)) + TX_KICK + tx_chains(plain_tx(80)) + TX_KICK
+    + tx_chains(plain_tx(60), plain_tx(70)) + TX_KICK + tx_chains(plain_tx(80)) + TX_STOP
     + rx_chains(*[chain([desc(BUMP, 1600)]) for _ in range(4)])
     + rx([frame(0, 1), frame(0, 2), frame(0, 3)]) + rx([frame(1, 4)]),
 }

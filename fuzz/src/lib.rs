@@ -198,8 +198,9 @@ pub fn tracing() -> bool {
 /// boundaries, as on a tap queue). The backend gets one end of each as its
 /// tap queue; the target keeps the other, the network side, in `peers`.
 /// Unlike a tap, it does not take TUNSETOFFLOAD (the backend logs that and
-/// goes on), and it hands over whatever the target writes, also frames
-/// shorter than a virtio-net header.
+/// goes on), its queues are never detached (it says it is not multi-queue),
+/// and it hands over whatever the target writes, also frames shorter than
+/// a virtio-net header.
 pub struct NetTapDouble {
     pub tap: Arc<ringvm_net::tap::Tap>,
     pub peers: Vec<ringvm_net::tap::FrameFd>,
@@ -249,9 +250,12 @@ impl NetTapDouble {
             queues.push(Arc::new(backend_end));
             peers.push(peer);
         }
+        // Not multi-queue: attaching and detaching a queue (TUNSETQUEUE)
+        // is then nothing, and frames stay in a detached pair's queue.
         let tap = ringvm_net::tap::Tap {
             name: "fuzz-tap".to_string(),
             queues,
+            multi_queue: false,
         };
         NetTapDouble {
             tap: Arc::new(tap),
