@@ -1,20 +1,26 @@
 //! Host-to-guest frames (the RX queue): the guest's receive chains are
 //! taken from the available ring into an [`RxStash`], a frame is read with
-//! one readv straight into their buffers, and [`split_frame`] says which
-//! chains the frame filled (more than one only with VIRTIO_NET_F_MRG_RXBUF,
-//! whose count goes into the header's num_buffers).
+//! one readv straight into their buffers, and [`RxStash::complete`] says
+//! which chains the frame filled (more than one only with
+//! VIRTIO_NET_F_MRG_RXBUF, whose count goes into the header's
+//! num_buffers).
 //!
 //! Chains stay in the stash until a frame uses them, so a chain taken for a
 //! frame that turned out short serves the next frame; nothing is pushed back
-//! into the available ring.
+//! into the available ring. Their buffers are looked up in guest memory
+//! once, when they are taken: the stash keeps them as iovecs
+//! ([`GuestIoVecs`]) for every frame read into them, and makes them again
+//! only when the memory table changes.
 
 use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::queue::GuestRam;
-use crate::tap::{IoVec, VNET_HDR_BYTES};
+use crate::tap::{FrameFd, GuestIoVecs, VNET_HDR_BYTES};
 
 /// With MRG_RXBUF, chains are gathered until they hold this much before a
 /// frame is read: the header and the largest frame a tap hands over with
@@ -25,19 +31,14 @@ pub const RX_MERGE_BYTES: usize = VNET_HDR_BYTES + 65535 + 18;
 /// Offset of num_buffers in virtio_net_hdr_v1.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
-#[derive(Debug, thiserror::Error)]
-pub enum RxError {
-    /// The memory table changed since the chain was taken.
-    #[error("a receive buffer at {0:#x} is no longer in guest memory")]
-    OutsideMemory(u64),
-}
-
-/// One receive chain: its head and its device-writable buffers.
+/// One receive chain: its head, its device-writable buffers, and how many
+/// of the stash's iovecs they are.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RxChain {
-    pub head: u16,
-    pub buffers: Vec<(GuestAddress, u32)>,
-    pub capacity: usize,
+struct RxChain {
+    head: u16,
+    buffers: Vec<(GuestAddress, u32)>,
+    capacity: usize,
+    iovecs: usize,
 }
 
 /// Receive chains taken from the available ring and not used yet.
@@ -45,15 +46,11 @@ pub struct RxChain {
 pub struct RxStash {
     chains: VecDeque<RxChain>,
     capacity: usize,
-}
-
-/// What one frame did to the stash.
-#[derive(Debug, PartialEq, Eq)]
-pub struct RxFrame {
-    /// (head, bytes written) per chain the frame used, in ring order.
-    pub used: Vec<(u16, u32)>,
-    /// The frame was longer than the buffers offered for it.
-    pub truncated: bool,
+    /// The buffers of `chains`, in order.
+    iovecs: GuestIoVecs,
+    /// Buffer lists of chains used, kept for the next ones (no allocation
+    /// per chain).
+    spare: Vec<Vec<(GuestAddress, u32)>>,
 }
 
 /// How a frame of `frame_bytes` fills chains of `capacities` bytes, in
@@ -61,22 +58,32 @@ pub struct RxFrame {
 /// for an empty frame). With `mergeable` false only the first chain is
 /// used. The second value says whether the frame did not fit.
 pub fn split_frame(capacities: &[usize], frame_bytes: usize, mergeable: bool) -> (Vec<u32>, bool) {
-    let usable = if mergeable {
-        capacities
-    } else {
-        &capacities[..capacities.len().min(1)]
-    };
-    let mut left = frame_bytes;
     let mut lens = Vec::new();
-    for &capacity in usable {
+    let truncated = split_frame_into(capacities.iter().copied(), frame_bytes, mergeable, |len| {
+        lens.push(len)
+    });
+    (lens, truncated)
+}
+
+/// [`split_frame`] handing each length to `each`; returns whether the
+/// frame did not fit.
+fn split_frame_into(
+    capacities: impl Iterator<Item = usize>,
+    frame_bytes: usize,
+    mergeable: bool,
+    mut each: impl FnMut(u32),
+) -> bool {
+    let usable = capacities.take(if mergeable { usize::MAX } else { 1 });
+    let mut left = frame_bytes;
+    for capacity in usable {
         let len = left.min(capacity);
-        lens.push(len as u32);
+        each(len as u32);
         left -= len;
         if left == 0 {
             break;
         }
     }
-    (lens, left > 0)
+    left > 0
 }
 
 impl RxStash {
@@ -100,69 +107,126 @@ impl RxStash {
 
     /// Takes chains from the available ring until [`RxStash::ready`] or the
     /// ring is empty. A chain with a device-readable buffer or a buffer
-    /// outside guest memory is not kept: its head goes to `bad`.
-    pub fn fill(&mut self, queue: &mut Queue, mem: &GuestRam, mergeable: bool, bad: &mut Vec<u16>) {
+    /// outside guest memory is not kept: its head goes to `bad`. When `mem`
+    /// is not the memory the stashed chains were looked up in (a new memory
+    /// table), they are looked up again first, and those no longer in
+    /// guest memory go to `bad` too.
+    pub fn fill(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<GuestRam>,
+        mergeable: bool,
+        bad: &mut Vec<u16>,
+    ) {
+        if !self.iovecs.is_from(mem) {
+            self.remap(mem, bad);
+        }
         while !self.ready(mergeable) {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
                 return;
             };
             let head = chain.head_index();
-            let mut buffers = Vec::new();
+            let mut buffers = self.spare.pop().unwrap_or_default();
             let mut capacity = 0usize;
             let mut ok = true;
             for desc in chain {
-                let len = desc.len() as usize;
-                if !desc.is_write_only() || !mem.check_range(desc.addr(), len, Permissions::Write) {
+                if !desc.is_write_only() {
                     ok = false;
                     break;
                 }
                 buffers.push((desc.addr(), desc.len()));
-                capacity += len;
+                capacity += desc.len() as usize;
             }
-            if !ok || capacity == 0 {
+            let iovecs = if ok && capacity > 0 {
+                self.push_iovecs(&buffers)
+            } else {
+                None
+            };
+            let Some(iovecs) = iovecs else {
+                buffers.clear();
+                self.spare.push(buffers);
                 bad.push(head);
                 continue;
-            }
+            };
             self.capacity += capacity;
             self.chains.push_back(RxChain {
                 head,
                 buffers,
                 capacity,
+                iovecs,
             });
         }
     }
 
-    /// The iovecs a frame is read into: the first chain's buffers, or every
-    /// chain's with `mergeable`. An error when guest memory no longer holds
-    /// them (a new memory table): the caller returns the stash.
-    pub fn iovecs<'m>(
-        &self,
-        mem: &'m GuestRam,
-        mergeable: bool,
-        iovecs: &mut Vec<IoVec<'m>>,
-    ) -> Result<(), RxError> {
-        iovecs.clear();
-        let take = if mergeable { self.chains.len() } else { 1 };
-        for chain in self.chains.iter().take(take) {
-            for &(addr, len) in &chain.buffers {
-                let outside = |_| RxError::OutsideMemory(addr.raw_value());
-                let slices = mem
-                    .get_slices(addr, len as usize, Permissions::Write)
-                    .map_err(outside)?;
-                for slice in slices {
-                    iovecs.push(IoVec::from_volatile(&slice.map_err(outside)?));
+    /// Appends the iovecs of `buffers`: how many, or None (nothing
+    /// appended) when one is not all in guest memory.
+    fn push_iovecs(&mut self, buffers: &[(GuestAddress, u32)]) -> Option<usize> {
+        let before = self.iovecs.len();
+        for &(addr, len) in buffers {
+            if self.iovecs.push_writable(addr, len as usize).is_none() {
+                self.iovecs.truncate(before);
+                return None;
+            }
+        }
+        Some(self.iovecs.len() - before)
+    }
+
+    /// Looks every stashed chain up again in `mem`; those no longer in it go
+    /// to `bad`.
+    fn remap(&mut self, mem: &Arc<GuestRam>, bad: &mut Vec<u16>) {
+        self.iovecs.reset(mem);
+        let chains = std::mem::take(&mut self.chains);
+        self.capacity = 0;
+        for mut chain in chains {
+            match self.push_iovecs(&chain.buffers) {
+                Some(iovecs) => {
+                    chain.iovecs = iovecs;
+                    self.capacity += chain.capacity;
+                    self.chains.push_back(chain);
+                }
+                None => {
+                    bad.push(chain.head);
+                    self.recycle(chain);
                 }
             }
         }
-        Ok(())
+    }
+
+    fn recycle(&mut self, mut chain: RxChain) {
+        chain.buffers.clear();
+        self.spare.push(chain.buffers);
+    }
+
+    /// Reads one frame from `tap` into the stashed chains (the first one
+    /// only without `mergeable`), and at most one byte more: the length
+    /// read, for [`RxStash::complete`]; Ok(None) when no frame is waiting.
+    pub fn read_frame(&mut self, tap: &FrameFd, mergeable: bool) -> io::Result<Option<usize>> {
+        let count = if mergeable {
+            self.iovecs.len()
+        } else {
+            self.chains.front().map_or(0, |chain| chain.iovecs)
+        };
+        self.iovecs.read_frame(tap, count)
     }
 
     /// A frame of `frame_bytes` was read into the stash's iovecs: sets
-    /// num_buffers in its header, and takes the chains it used out.
-    pub fn complete(&mut self, mem: &GuestRam, frame_bytes: usize, mergeable: bool) -> RxFrame {
-        let capacities: Vec<usize> = self.chains.iter().map(|c| c.capacity).collect();
-        let (lens, truncated) = split_frame(&capacities, frame_bytes, mergeable);
-        let num_buffers = lens.len() as u16;
+    /// num_buffers in its header, and takes the chains it used out, adding
+    /// (head, bytes written) of each to `used` in ring order. Returns
+    /// whether the frame was longer than the buffers offered for it.
+    pub fn complete(
+        &mut self,
+        mem: &GuestRam,
+        frame_bytes: usize,
+        mergeable: bool,
+        used: &mut Vec<(u16, u32)>,
+    ) -> bool {
+        let mut num_buffers = 0u16;
+        let truncated = split_frame_into(
+            self.chains.iter().map(|c| c.capacity),
+            frame_bytes,
+            mergeable,
+            |_| num_buffers += 1,
+        );
         if let Some(first) = self.chains.front() {
             write_at(
                 mem,
@@ -171,25 +235,36 @@ impl RxStash {
                 &num_buffers.to_le_bytes(),
             );
         }
-        let used = lens
-            .into_iter()
-            .map(|len| {
-                let chain = self
-                    .chains
-                    .pop_front()
-                    .expect("split_frame uses only the chains it was given");
-                self.capacity -= chain.capacity;
-                (chain.head, len)
-            })
-            .collect();
-        RxFrame { used, truncated }
+        let mut left = frame_bytes;
+        for _ in 0..num_buffers {
+            let chain = self
+                .chains
+                .pop_front()
+                .expect("split_frame_into counts only the chains it was given");
+            let len = left.min(chain.capacity);
+            left -= len;
+            self.capacity -= chain.capacity;
+            self.iovecs.drop_front(chain.iovecs);
+            used.push((chain.head, len as u32));
+            self.recycle(chain);
+        }
+        truncated
     }
 
     /// Empties the stash (queue stopped or memory gone): the heads, to be
     /// returned to the used ring with length 0.
     pub fn take_all(&mut self) -> Vec<u16> {
         self.capacity = 0;
-        self.chains.drain(..).map(|c| c.head).collect()
+        self.iovecs.clear();
+        let chains: Vec<RxChain> = self.chains.drain(..).collect();
+        chains
+            .into_iter()
+            .map(|chain| {
+                let head = chain.head;
+                self.recycle(chain);
+                head
+            })
+            .collect()
     }
 }
 
@@ -219,7 +294,7 @@ fn write_at(mem: &GuestRam, buffers: &[(GuestAddress, u32)], offset: usize, byte
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tap::seqpacket_pair;
+    use crate::tap::{seqpacket_pair, IoVec};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -246,8 +321,8 @@ mod tests {
         ))
     }
 
-    fn memory() -> GuestRam {
-        GuestRam::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    fn memory() -> Arc<GuestRam> {
+        Arc::new(GuestRam::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap())
     }
 
     /// A mock RX ring with one chain per entry of `chains`, laid out one
@@ -303,16 +378,14 @@ mod tests {
         frame[..VNET_HDR_BYTES].fill(0);
         peer.write_frame(&[IoVec::from_mut(&mut frame.clone())])
             .unwrap();
-        let mut iovecs = Vec::new();
-        stash.iovecs(&mem, true, &mut iovecs).unwrap();
-        assert_eq!(iovecs.len(), 4);
-        let n = tap.read_frame(&iovecs).unwrap().unwrap();
+        assert_eq!(stash.iovecs.len(), 4);
+        let n = stash.read_frame(&tap, true).unwrap().unwrap();
         assert_eq!(n, 50_000);
-        drop(iovecs);
-        let done = stash.complete(&mem, n, true);
-        assert_eq!(done.used, vec![(0, 0x6000), (2, 50_000 - 0x6000)]);
-        assert!(!done.truncated);
+        let mut used = Vec::new();
+        assert!(!stash.complete(&mem, n, true, &mut used));
+        assert_eq!(used, vec![(0, 0x6000), (2, 50_000 - 0x6000)]);
         assert_eq!(stash.len(), 1, "the third chain waits for the next frame");
+        assert_eq!(stash.iovecs.len(), 1, "and so do its iovecs");
 
         frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&2u16.to_le_bytes());
         let mut got = vec![0u8; 50_000];
@@ -343,14 +416,16 @@ mod tests {
         let mut bad = Vec::new();
         stash.fill(&mut queue, &mem, false, &mut bad);
         assert_eq!(stash.len(), 1);
-        let done = stash.complete(&mem, 100, false);
-        assert_eq!(done.used, vec![(0, 100)]);
+        let mut used = Vec::new();
+        assert!(!stash.complete(&mem, 100, false, &mut used));
+        assert_eq!(used, vec![(0, 100)]);
         // num_buffers sits at offset 10: in the second buffer, at 6.
         let mut num = [0u8; 2];
         mem.read_slice(&mut num, GuestAddress(0x10_1006)).unwrap();
         assert_eq!(u16::from_le_bytes(num), 1);
-        let done = stash.complete(&mem, 100, false);
-        assert!(done.used.is_empty() && done.truncated, "empty stash");
+        used.clear();
+        assert!(stash.complete(&mem, 100, false, &mut used), "empty stash");
+        assert!(used.is_empty());
     }
 
     #[test]
@@ -372,5 +447,76 @@ mod tests {
         assert_eq!(stash.len(), 1);
         assert_eq!(stash.take_all(), vec![2]);
         assert!(stash.is_empty() && !stash.ready(false));
+    }
+
+    #[test]
+    fn a_new_memory_table_looks_the_stashed_chains_up_again() {
+        let old = memory();
+        let mut queue = queue_with(
+            &old,
+            &[
+                vec![wdesc(0x10_0000, 0x1000)],
+                vec![wdesc(0x30_0000, 0x1000)],
+                vec![wdesc(0x18_0000, 0x1000)],
+            ],
+        );
+        let mut stash = RxStash::default();
+        let mut bad = Vec::new();
+        stash.fill(&mut queue, &old, true, &mut bad);
+        assert_eq!((stash.len(), bad.len()), (3, 0), "not ready: all taken");
+
+        // The frontend's new table maps the first 2 MiB only, elsewhere.
+        let new = Arc::new(GuestRam::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap());
+        stash.fill(&mut queue, &new, true, &mut bad);
+        assert_eq!(bad, vec![1], "the chain past the new table goes back");
+        assert_eq!((stash.len(), stash.iovecs.len()), (2, 2));
+
+        let (tap, peer) = seqpacket_pair().unwrap();
+        let mut frame: Vec<u8> = (0..0x1800u32).map(|i| (i % 251) as u8).collect();
+        peer.write_frame(&[IoVec::from_mut(&mut frame)]).unwrap();
+        let n = stash.read_frame(&tap, true).unwrap().unwrap();
+        let mut used = Vec::new();
+        assert!(!stash.complete(&new, n, true, &mut used));
+        assert_eq!(used, vec![(0, 0x1000), (2, 0x800)]);
+        let mut got = vec![0u8; 0x1800];
+        new.read_slice(&mut got[..0x1000], GuestAddress(0x10_0000))
+            .unwrap();
+        new.read_slice(&mut got[0x1000..], GuestAddress(0x18_0000))
+            .unwrap();
+        frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(got, frame, "the frame is in the new memory");
+        let mut untouched = [0u8; 16];
+        old.read_slice(&mut untouched, GuestAddress(0x10_0000))
+            .unwrap();
+        assert_eq!(untouched, [0; 16], "not in the old one");
+    }
+
+    #[test]
+    fn a_frame_longer_than_its_one_chain_is_truncated() {
+        let mem = memory();
+        let mut queue = queue_with(
+            &mem,
+            &[vec![wdesc(0x10_0000, 64)], vec![wdesc(0x18_0000, 2048)]],
+        );
+        let mut stash = RxStash::default();
+        let mut bad = Vec::new();
+        stash.fill(&mut queue, &mem, false, &mut bad);
+        let (tap, peer) = seqpacket_pair().unwrap();
+        peer.write_frame(&[IoVec::from_mut(&mut [7u8; 100])])
+            .unwrap();
+        let n = stash.read_frame(&tap, false).unwrap().unwrap();
+        assert_eq!(n, 65, "the chain and the spill byte");
+        let mut used = Vec::new();
+        assert!(stash.complete(&mem, n, false, &mut used));
+        assert_eq!(used, vec![(0, 64)]);
+        // The next chain takes the next frame whole.
+        stash.fill(&mut queue, &mem, false, &mut bad);
+        peer.write_frame(&[IoVec::from_mut(&mut [8u8; 100])])
+            .unwrap();
+        let n = stash.read_frame(&tap, false).unwrap().unwrap();
+        used.clear();
+        assert!(!stash.complete(&mem, n, false, &mut used));
+        assert_eq!(used, vec![(1, 100)]);
+        assert_eq!(stash.read_frame(&tap, false).unwrap(), None);
     }
 }

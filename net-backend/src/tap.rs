@@ -21,7 +21,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::VolatileSlice;
+use vm_memory::{GuestAddress, GuestMemory, Permissions, VolatileSlice};
+
+use crate::queue::GuestRam;
 
 /// The virtio-net header the guest and the tap exchange: virtio_net_hdr_v1,
 /// with num_buffers, since VIRTIO_F_VERSION_1 is always negotiated.
@@ -113,6 +115,122 @@ impl<'a> IoVec<'a> {
 // this program only hands it to readv/writev. Sending the pair to another
 // thread accesses no memory.
 unsafe impl Send for IoVec<'_> {}
+
+/// Buffers in guest memory kept as iovecs from one batch to the next, so
+/// that a frame is read without looking its buffers up in the memory table
+/// again. They hold the guest memory they were made from: its mappings
+/// stay while they do, also after the frontend sends a new memory table
+/// (the caller checks [`GuestIoVecs::is_from`] and makes them again).
+#[derive(Debug, Default)]
+pub struct GuestIoVecs {
+    mem: Option<Arc<GuestRam>>,
+    /// Made from `mem` only ([`GuestIoVecs::push_writable`]); the live ones
+    /// start at `front`.
+    raw: Vec<libc::iovec>,
+    front: usize,
+    /// Where a frame goes past the iovecs given to a read: one byte here.
+    spill: [u8; 1],
+    /// The iovecs of one read, spill included.
+    scratch: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs point into the guest memory this holds an Arc of and
+// into its own spill byte; moving them to another thread accesses nothing.
+unsafe impl Send for GuestIoVecs {}
+
+/// Above this many dropped iovecs at the front, they are given back.
+const GUEST_IOVECS_COMPACT: usize = 1024;
+
+impl GuestIoVecs {
+    /// Whether the iovecs were made from `mem` (the same memory table).
+    pub fn is_from(&self, mem: &Arc<GuestRam>) -> bool {
+        self.mem.as_ref().is_some_and(|own| Arc::ptr_eq(own, mem))
+    }
+
+    /// Forgets every iovec; the next ones are made from `mem`.
+    pub fn reset(&mut self, mem: &Arc<GuestRam>) {
+        self.raw.clear();
+        self.front = 0;
+        self.mem = Some(Arc::clone(mem));
+    }
+
+    /// Forgets every iovec and lets the memory go.
+    pub fn clear(&mut self) {
+        self.raw.clear();
+        self.front = 0;
+        self.mem = None;
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.len() - self.front
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the iovecs of the `len_bytes` at `addr` (more than one where
+    /// they span memory regions): how many, or None when the range is not
+    /// all in the memory given to [`GuestIoVecs::reset`] (then nothing is
+    /// appended).
+    pub fn push_writable(&mut self, addr: GuestAddress, len_bytes: usize) -> Option<usize> {
+        let mem = self.mem.as_ref()?;
+        let before = self.raw.len();
+        let appended = (|| {
+            for slice in mem.get_slices(addr, len_bytes, Permissions::Write).ok()? {
+                let slice = slice.ok()?;
+                self.raw.push(IoVec::from_volatile(&slice).raw);
+            }
+            Some(self.raw.len() - before)
+        })();
+        if appended.is_none() {
+            self.raw.truncate(before);
+        }
+        appended
+    }
+
+    /// Keeps the first `len` iovecs.
+    pub fn truncate(&mut self, len: usize) {
+        self.raw.truncate(self.front + len);
+    }
+
+    /// Drops the first `count` iovecs.
+    pub fn drop_front(&mut self, count: usize) {
+        self.front = (self.front + count).min(self.raw.len());
+        if self.front == self.raw.len() {
+            self.raw.clear();
+            self.front = 0;
+        } else if self.front > GUEST_IOVECS_COMPACT {
+            self.raw.drain(..self.front);
+            self.front = 0;
+        }
+    }
+
+    /// Reads one frame from `fd` into the first `count` iovecs (all if
+    /// fewer), and one byte past them into a spill byte: `Ok(Some(n))` with
+    /// `n` above their length when the frame did not fit. Ok(None) when no
+    /// frame is waiting.
+    pub fn read_frame(&mut self, fd: &FrameFd, count: usize) -> io::Result<Option<usize>> {
+        let live = &self.raw[self.front..];
+        self.scratch.clear();
+        self.scratch
+            .extend_from_slice(&live[..count.min(live.len())]);
+        self.scratch.push(IoVec::from_mut(&mut self.spill).raw);
+        // SAFETY: IoVec is repr(transparent) over libc::iovec (its other
+        // field is a PhantomData), so the slices have the same layout. The
+        // iovecs point into the mappings of `self.mem`, whose Arc this
+        // struct holds (push_writable makes them from it and nothing
+        // else), and into `self.spill`; both outlive the borrow of `self`
+        // that the IoVecs are given.
+        let iovecs = unsafe {
+            std::slice::from_raw_parts(
+                self.scratch.as_ptr().cast::<IoVec<'_>>(),
+                self.scratch.len(),
+            )
+        };
+        fd.read_frame(iovecs)
+    }
+}
 
 /// A descriptor that carries one frame per read or write.
 #[derive(Debug)]

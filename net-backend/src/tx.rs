@@ -8,7 +8,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_TCPV6,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemory, Permissions};
+use vm_memory::{GuestMemory, Permissions};
 
 use crate::queue::GuestRam;
 use crate::tap::{IoVec, VNET_HDR_BYTES};
@@ -116,13 +116,7 @@ pub fn tx_iovecs<'m>(
             return Err(BadFrame::WritableBuffer);
         }
         let len = desc.len() as usize;
-        if total < VNET_HDR_BYTES {
-            let take = len.min(VNET_HDR_BYTES - total);
-            mem.read_slice(&mut header[total..total + take], desc.addr())
-                .map_err(|_| BadFrame::OutsideMemory)?;
-        }
-        total += len;
-        if total > VNET_HDR_BYTES + MAX_TX_FRAME_BYTES {
+        if total + len > VNET_HDR_BYTES + MAX_TX_FRAME_BYTES {
             return Err(BadFrame::TooLong);
         }
         let slices = mem
@@ -130,6 +124,12 @@ pub fn tx_iovecs<'m>(
             .map_err(|_| BadFrame::OutsideMemory)?;
         for slice in slices {
             let slice = slice.map_err(|_| BadFrame::OutsideMemory)?;
+            if total < VNET_HDR_BYTES {
+                // From the slice just looked up: no second lookup of the
+                // address.
+                slice.copy_to(&mut header[total..]);
+            }
+            total += slice.len();
             iovecs.push(IoVec::from_volatile(&slice));
         }
     }
@@ -146,7 +146,7 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
 
     const ALL_TX: u64 =
         1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6;
