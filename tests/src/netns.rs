@@ -364,8 +364,8 @@ pub fn can_make_taps() -> bool {
 }
 
 /// Runs `guest` (a VMM running [`echo_job`]`(pings, pairs)`), and once it
-/// is ready the host side in the namespace: a corrupted frame, `pings`
-/// pings, the UDP echoes (from [`udp_flows`]`(pairs)` source ports).
+/// is ready the host side in the namespace: `pings` pings, a corrupted
+/// frame, the UDP echoes (from [`udp_flows`]`(pairs)` source ports).
 /// Returns the VMM's output after checking the guest's counts (one ARP
 /// answer, every ping and datagram, the corrupted frame dropped,
 /// [`GUEST_MAC`], `pairs` queue pairs each of which received frames).
@@ -382,8 +382,11 @@ pub fn echo_through(ns: &Netns, guest: Command, pings: u16, pairs: u16) -> harne
         thread::scope(|s| {
             s.spawn(|| -> io::Result<()> {
                 ns.enter()?;
-                send_corrupted_frame()?;
+                // The pings first: they wait for the guest's link (ARP is
+                // retried), whereas a frame sent before the backend has
+                // attached a tap queue is dropped by the kernel.
                 ping(pings)?;
+                send_corrupted_frame()?;
                 udp_echo(udp_flows(pairs))
             })
             .join()
